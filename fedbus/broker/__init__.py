@@ -1,0 +1,1 @@
+"""Embedded and managed MQTT brokers."""

@@ -1,0 +1,292 @@
+"""Wire schema: the typed messages fedbus nodes exchange.
+
+Each message is a MessagePack map. Every kind shares the envelope fields
+``kind, v, run, round, sender, id``; the rest is the kind's body. The classes
+are `msgspec.Struct` types because msgspec decodes MessagePack ``bin`` into a
+`memoryview` of the payload (no copy of tensor bytes) and validates the schema
+in the same pass; see docs/wire-format.md for the byte-level specification.
+
+Unknown fields of a known version are ignored on decode (minor additions stay
+compatible); the major version is ``v``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Final, Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from fedbus.errors import EncodeError
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "MAX_NDIM",
+    "Ack",
+    "AnyMessage",
+    "Chunk",
+    "ChunkRequest",
+    "Credit",
+    "Heartbeat",
+    "Join",
+    "Leave",
+    "Message",
+    "ModelBroadcast",
+    "ModelUpdate",
+    "Tensor",
+    "new_message_id",
+    "tensors_from_arrays",
+    "tensors_to_arrays",
+]
+
+FORMAT_VERSION: Final = 1
+"""Major wire-format version. A receiver refuses other majors with IncompatibleVersion."""
+
+MAX_NDIM: Final = 8
+
+# Tensor dtypes on the wire: names a C client can switch on, always little-endian.
+DTYPES: Final[Mapping[str, np.dtype[Any]]] = {
+    "bool": np.dtype("?"),
+    "int8": np.dtype("<i1"),
+    "uint8": np.dtype("<u1"),
+    "int16": np.dtype("<i2"),
+    "uint16": np.dtype("<u2"),
+    "int32": np.dtype("<i4"),
+    "uint32": np.dtype("<u4"),
+    "int64": np.dtype("<i8"),
+    "uint64": np.dtype("<u8"),
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+}
+_NAME_OF: Final = {
+    dt.newbyteorder("=") if dt.byteorder != "|" else dt: n for n, dt in DTYPES.items()
+}
+
+# Schema-level bounds. msgspec checks container lengths from their headers, so
+# a hostile payload cannot make the decoder build huge containers.
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+Scalar = bool | int | float | str
+SmallMap = Annotated[dict[Name, Scalar], msgspec.Meta(max_length=1024)]
+
+
+def new_message_id() -> str:
+    """Return a fresh random message id (16 hex characters)."""
+    return secrets.token_hex(8)
+
+
+class Tensor(msgspec.Struct, frozen=True, gc=False):
+    """A dense tensor: dtype name, shape and little-endian C-order bytes.
+
+    Decoded tensors hold a memoryview of the received payload; `array` is a
+    zero-copy, read-only numpy view of it. Whoever needs to write copies.
+    """
+
+    dtype: str
+    shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_NDIM)]
+    data: memoryview
+
+    def __post_init__(self) -> None:
+        dt = DTYPES.get(self.dtype)
+        if dt is None:
+            raise ValueError(f"unknown tensor dtype {self.dtype!r}")
+        expected = math.prod(self.shape) * dt.itemsize
+        if self.data.nbytes != expected:
+            raise ValueError(
+                f"tensor of dtype {self.dtype} and shape {self.shape} needs {expected} bytes, "
+                f"got {self.data.nbytes}"
+            )
+
+    @classmethod
+    def from_array(cls, value: Any) -> Tensor:
+        """Wrap an array-like without copying when it is already C-contiguous little-endian.
+
+        Accepts numpy arrays, anything exposing ``__array__`` and torch tensors
+        (through ``.detach().cpu().numpy()``) without importing torch.
+        """
+        arr = _as_ndarray(value)
+        dt = arr.dtype
+        key = dt.newbyteorder("=") if dt.byteorder not in ("|", "=") else dt
+        name = _NAME_OF.get(key)
+        if name is None:
+            raise EncodeError(f"dtype {dt} cannot be sent; supported: {', '.join(DTYPES)}")
+        if arr.ndim > MAX_NDIM:
+            raise EncodeError(f"tensor has {arr.ndim} dimensions; at most {MAX_NDIM} are allowed")
+        # np.asarray(order="C") keeps 0-d arrays 0-d (ascontiguousarray would not).
+        arr = np.asarray(arr, dtype=DTYPES[name], order="C")
+        return cls(dtype=name, shape=list(arr.shape), data=_bytes_view(arr))
+
+    @property
+    def array(self) -> npt.NDArray[Any]:
+        """A numpy view of the bytes (read-only when the payload is immutable)."""
+        return np.frombuffer(self.data, dtype=DTYPES[self.dtype]).reshape(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> npt.NDArray[Any]:
+        arr = self.array
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
+
+
+def _as_ndarray(value: Any) -> npt.NDArray[Any]:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, Tensor):
+        return value.array
+    detach = getattr(value, "detach", None)
+    if callable(detach):  # torch.Tensor, without importing torch
+        return np.asarray(detach().cpu().numpy())
+    if hasattr(value, "__array__"):
+        return np.asarray(value)
+    if hasattr(value, "numpy"):
+        return np.asarray(value.numpy())
+    if isinstance(value, int | float | bool | list | tuple):
+        return np.asarray(value)
+    raise EncodeError(f"cannot encode {type(value).__name__} as a tensor")
+
+
+def _bytes_view(arr: npt.NDArray[Any]) -> memoryview:
+    # A 0-d or empty array has no buffer to cast; copy its (tiny) bytes instead.
+    if arr.size == 0 or arr.ndim == 0:
+        return memoryview(arr.tobytes())
+    return memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray is a Buffer
+
+
+def tensors_from_arrays(weights: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Convert named array-likes to wire tensors, keeping their order."""
+    return {name: Tensor.from_array(value) for name, value in weights.items()}
+
+
+def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> dict[str, npt.NDArray[Any]]:
+    """Zero-copy numpy views of named wire tensors, keeping their order."""
+    return {name: t.array for name, t in tensors.items()}
+
+
+Tensors = Annotated[dict[Name, Tensor], msgspec.Meta(max_length=65536)]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """Envelope fields shared by every message kind.
+
+    Attributes:
+        v: major wire-format version.
+        run: the run id; receivers drop messages of other runs.
+        round: the protocol round the message belongs to (0 before round 1).
+        sender: node id of the publisher; must equal the node id in the topic.
+        id: unique message id; receivers drop duplicates by it.
+    """
+
+    KIND: ClassVar[str] = ""
+
+    v: int = FORMAT_VERSION
+    run: Id
+    round: Annotated[int, msgspec.Meta(ge=0)] = 0
+    sender: Id
+    id: Id = msgspec.field(default_factory=new_message_id)
+
+
+class Join(Message, frozen=True, kw_only=True, tag="join"):
+    """A node announces itself (role, how much data it holds, what it can do)."""
+
+    KIND: ClassVar[str] = "join"
+    role: Name = "client"
+    num_examples: Annotated[int, msgspec.Meta(ge=0)] = 0
+    capabilities: SmallMap = msgspec.field(default_factory=dict)
+
+
+class Leave(Message, frozen=True, kw_only=True, tag="leave"):
+    """A node leaves; also published by the broker as the node's last will."""
+
+    KIND: ClassVar[str] = "leave"
+    reason: Name = ""
+
+
+class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
+    """Liveness and coarse status of a node."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    status: Name = "alive"
+    metrics: SmallMap = msgspec.field(default_factory=dict)
+
+
+class ModelBroadcast(Message, frozen=True, kw_only=True, tag="model"):
+    """The (global) model sent down to nodes, with the round's training config.
+
+    ``encoding`` names how ``weights`` are to be read ("dense": the tensors are
+    the model itself), leaving room for compressed or masked encodings.
+    """
+
+    KIND: ClassVar[str] = "model"
+    weights: Tensors
+    encoding: Name = "dense"
+    config: SmallMap = msgspec.field(default_factory=dict)
+
+
+class ModelUpdate(Message, frozen=True, kw_only=True, tag="update"):
+    """A node's result for a round: new weights or a delta, sample count, metrics.
+
+    ``reply_to`` carries the id of the request (broadcast) it answers.
+    ``encoding`` is "dense" (full weights) or "delta" (difference to the model
+    received); later encodings (quantized, sparse, masked) get new names.
+    """
+
+    KIND: ClassVar[str] = "update"
+    weights: Tensors
+    num_examples: Annotated[int, msgspec.Meta(ge=0)] = 0
+    encoding: Name = "dense"
+    reply_to: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    metrics: SmallMap = msgspec.field(default_factory=dict)
+
+
+class Ack(Message, frozen=True, kw_only=True, tag="ack"):
+    """Application-level acknowledgement of message ``ref`` (QoS 1 is not end to end)."""
+
+    KIND: ClassVar[str] = "ack"
+    ref: Id
+    status: Literal["ok", "rejected"] = "ok"
+    detail: Name = ""
+
+
+class Chunk(Message, frozen=True, kw_only=True, tag="chunk"):
+    """One piece of a payload larger than the broker's packet limit.
+
+    The reassembled ``size`` bytes (SHA-256 ``digest``) are themselves one
+    encoded message. ``crc`` is the CRC-32 of this chunk's ``data``.
+    """
+
+    KIND: ClassVar[str] = "chunk"
+    xfer: Id
+    index: Annotated[int, msgspec.Meta(ge=0)]
+    count: Annotated[int, msgspec.Meta(ge=1)]
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    digest: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    crc: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
+    data: memoryview
+
+
+class ChunkRequest(Message, frozen=True, kw_only=True, tag="chunk_request"):
+    """The receiver asks the sender of transfer ``xfer`` to send ``missing`` chunks again."""
+
+    KIND: ClassVar[str] = "chunk_request"
+    xfer: Id
+    missing: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=65536)]
+
+
+class Credit(Message, frozen=True, kw_only=True, tag="credit"):
+    """Flow control: the sender of ``xfer`` may send chunks with index below ``upto``."""
+
+    KIND: ClassVar[str] = "credit"
+    xfer: Id
+    upto: Annotated[int, msgspec.Meta(ge=0)]
+
+
+AnyMessage = (
+    Join | Leave | Heartbeat | ModelBroadcast | ModelUpdate | Ack | Chunk | ChunkRequest | Credit
+)
+"""Every message kind of format version 1."""

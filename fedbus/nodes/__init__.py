@@ -1,0 +1,1 @@
+"""fedbus.nodes (see DESIGN.md section 2)."""

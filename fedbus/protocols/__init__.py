@@ -1,0 +1,1 @@
+"""fedbus.protocols (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""fedbus.topology (see DESIGN.md section 2)."""

@@ -1,0 +1,119 @@
+"""The one async transport interface fedbus nodes talk through.
+
+Two implementations: `fedbus.transport.mqtt.MqttTransport` (aiomqtt, a real
+broker) and `fedbus.transport.memory.MemoryTransport` (an in-process bus with
+the same semantics, for unit tests and very large simulations). Everything
+above this layer (chunking, flow control, protocols) is written against
+`Transport` only.
+
+Semantics both implementations keep:
+- ``publish`` returns once the message is accepted (QoS 1: PUBACK received).
+  That is not end-to-end delivery: brokers drop silently on queue overflow.
+- ``messages()`` yields every message matching a subscription, in order per
+  publisher, until the transport is closed; then the iterator ends.
+- MQTT wildcards ``+`` and ``#``, retained messages, and a last will published
+  when the connection is lost without a clean close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+__all__ = ["Received", "Transport", "Will", "topic_matches"]
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The last will the broker publishes if the connection dies uncleanly."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message as delivered by the broker."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """A connection to a message bus, used as an async context manager.
+
+    Reusable but not re-entrant: ``async with t:`` connects; leaving the block
+    (or `aclose`) disconnects cleanly, so no last will is published.
+    """
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: equals the node id."""
+        ...
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """Largest PUBLISH packet this connection may send."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish; return when the broker accepted it (QoS 1) or it was sent (QoS 0).
+
+        Raises:
+            TransportError: the connection failed and could not be restored in time.
+            TransportClosed: the transport was closed.
+        """
+        ...
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
+        """Subscribe; kept across reconnects."""
+        ...
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription."""
+        ...
+
+    def messages(self) -> AsyncIterator[Received]:
+        """Iterate over received messages until the transport is closed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Disconnect cleanly. Idempotent."""
+        ...
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic-filter matching (``+`` one level, ``#`` the rest), per MQTT 3.1.1 4.7.
+
+    Topics starting with ``$`` are not matched by filters starting with a wildcard.
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f_levels = topic_filter.split("/")
+    t_levels = topic.split("/")
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
