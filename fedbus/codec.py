@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from fedbus.errors import DecodeError, EncodeError, IncompatibleVersion
+from fedbus.errors import ConfigError, DecodeError, EncodeError, IncompatibleVersion
 from fedbus.messages import FORMAT_VERSION, AnyMessage, Message
 
 __all__ = ["DEFAULT_LIMITS", "DecodeLimits", "decode", "encode", "peek_header"]
@@ -43,7 +43,7 @@ class DecodeLimits:
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_tensors", "max_tensor_bytes"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise ConfigError(f"{name} must be positive", path=name)
 
 
 DEFAULT_LIMITS: Final = DecodeLimits()
@@ -54,6 +54,9 @@ class _Header(msgspec.Struct):
     # (a bin of any size is skipped without being read).
     v: int
     kind: str
+    # Raw: not parsed here (its type is checked by the full decode); an empty
+    # Raw means the field is absent. Checked only for our own major version.
+    id: msgspec.Raw = msgspec.Raw()
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -104,16 +107,24 @@ def decode(
     """
     try:
         size = memoryview(data).nbytes
-    except TypeError as exc:
+    except (TypeError, ValueError, BufferError) as exc:  # ValueError: a released view
         raise DecodeError(f"payload must be bytes-like, not {type(data).__name__}") from exc
     if size > limits.max_bytes:
         raise DecodeError(f"payload of {size} bytes exceeds the limit of {limits.max_bytes}")
-    version, kind = peek_header(data)
+    try:
+        header = _header_decoder.decode(data)
+    except Exception as exc:  # msgspec raises several types; all mean "malformed"
+        raise DecodeError(f"malformed header: {exc}") from exc
+    version, kind = header.v, header.kind
     if version != FORMAT_VERSION:
         raise IncompatibleVersion(
             f"format version {version} is not supported (this build reads {FORMAT_VERSION})",
             version=version,
         )
+    if not len(header.id):
+        # The message class would fill in a fresh random id, which would defeat
+        # duplicate detection: on the wire the id is required.
+        raise DecodeError(f"{kind!r} message has no id")
     try:
         message: AnyMessage = _decoder.decode(data)
     except Exception as exc:  # ValidationError, DecodeError, RecursionError...

@@ -96,6 +96,10 @@ class Tensor(msgspec.Struct, frozen=True, gc=False):
         dt = DTYPES.get(self.dtype)
         if dt is None:
             raise ValueError(f"unknown tensor dtype {self.dtype!r}")
+        if not (isinstance(self.data, memoryview) and self.data.format == "B"):
+            # A caller handed bytes, a bytearray or a typed buffer: keep one
+            # byte view so that `.nbytes`, encoding and `array` agree.
+            msgspec.structs.force_setattr(self, "data", _byte_view(self.data))
         expected = math.prod(self.shape) * dt.itemsize
         if self.data.nbytes != expected:
             raise ValueError(
@@ -120,7 +124,7 @@ class Tensor(msgspec.Struct, frozen=True, gc=False):
             raise EncodeError(f"tensor has {arr.ndim} dimensions; at most {MAX_NDIM} are allowed")
         # np.asarray(order="C") keeps 0-d arrays 0-d (ascontiguousarray would not).
         arr = np.asarray(arr, dtype=DTYPES[name], order="C")
-        return cls(dtype=name, shape=list(arr.shape), data=_bytes_view(arr))
+        return cls(dtype=name, shape=list(arr.shape), data=_byte_view(arr))
 
     @property
     def array(self) -> npt.NDArray[Any]:
@@ -134,7 +138,32 @@ class Tensor(msgspec.Struct, frozen=True, gc=False):
         return arr.copy() if copy else arr
 
 
+def _byte_view(data: Any) -> memoryview:
+    try:
+        view = memoryview(data)
+    except TypeError as exc:
+        raise ValueError(f"tensor data must be bytes-like, not {type(data).__name__}") from exc
+    if view.ndim == 1 and view.format == "B":
+        return view
+    if not view.c_contiguous:
+        raise ValueError("tensor data must be a C-contiguous buffer")
+    if view.ndim == 0 or view.nbytes == 0:
+        # A 0-d or empty buffer cannot be cast; copy its (tiny) bytes instead.
+        return memoryview(view.tobytes())
+    return view.cast("B")
+
+
 def _as_ndarray(value: Any) -> npt.NDArray[Any]:
+    try:
+        return _to_ndarray(value)
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        # e.g. a ragged list, or a torch tensor whose dtype numpy lacks (bfloat16)
+        raise EncodeError(f"cannot convert {type(value).__name__} to an array: {exc}") from exc
+
+
+def _to_ndarray(value: Any) -> npt.NDArray[Any]:
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, Tensor):
@@ -149,13 +178,6 @@ def _as_ndarray(value: Any) -> npt.NDArray[Any]:
     if isinstance(value, int | float | bool | list | tuple):
         return np.asarray(value)
     raise EncodeError(f"cannot encode {type(value).__name__} as a tensor")
-
-
-def _bytes_view(arr: npt.NDArray[Any]) -> memoryview:
-    # A 0-d or empty array has no buffer to cast; copy its (tiny) bytes instead.
-    if arr.size == 0 or arr.ndim == 0:
-        return memoryview(arr.tobytes())
-    return memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray is a Buffer
 
 
 def tensors_from_arrays(weights: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -268,6 +290,10 @@ class Chunk(Message, frozen=True, kw_only=True, tag="chunk"):
     digest: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
     crc: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
     data: memoryview
+
+    def __post_init__(self) -> None:
+        if self.index >= self.count:
+            raise ValueError(f"chunk index {self.index} is not below its count {self.count}")
 
 
 class ChunkRequest(Message, frozen=True, kw_only=True, tag="chunk_request"):
