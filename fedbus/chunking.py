@@ -1,0 +1,427 @@
+"""Chunked transfer of payloads larger than one PUBLISH packet. Sans-IO.
+
+No asyncio, no clock: callers pass ``now`` (seconds, any monotonic origin).
+
+Sending side: `OutgoingTransfer` wraps one encoded message and builds any of
+its `Chunk` messages on demand, as memoryview slices of the payload (the
+payload is copied only by the encoder), so a resend needs nothing but the
+payload. `max_chunk_data` says how many data bytes fit in one chunk so that the
+whole PUBLISH packet stays within ``max_payload_bytes``.
+
+Receiving side: `Reassembler`. Theory of operation::
+
+    (unknown) --first valid chunk--> ASSEMBLING --last chunk, digest ok--> FINISHED (payload)
+                                     ASSEMBLING --last chunk, digest bad--> FINISHED (failed)
+                                     ASSEMBLING --idle >= timeout_s-------> FINISHED (expired)
+
+Invariants:
+- A transfer is keyed by (sender, xfer), so one sender cannot disturb another's.
+- Nothing is allocated for a chunk that fails its CRC, its geometry checks,
+  ``max_message_bytes``, ``max_transfers`` or ``max_bytes``; an accepted
+  transfer preallocates exactly ``size`` bytes plus a ``count``-byte bitmap,
+  and the sum of those over live transfers never exceeds ``max_bytes``.
+- Chunks may arrive in any order and any number of times; a chunk already
+  held, or of a finished transfer (bounded memory of finished keys), is a
+  DUPLICATE and changes nothing.
+- A completed payload is returned only after its SHA-256 equals ``digest``.
+- `poll` frees transfers idle for ``timeout_s`` (EXPIRED) and names those idle
+  for ``request_gap_s`` as stalled, at most ``max_requests`` times per stall,
+  so the caller can ask for the missing chunks again.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from fedbus import codec
+from fedbus.messages import Chunk, new_message_id
+
+__all__ = [
+    "MQTT_PUBLISH_OVERHEAD_BYTES",
+    "Fed",
+    "OutgoingTransfer",
+    "Polled",
+    "Reassembler",
+    "Status",
+    "TransferKey",
+    "chunk_overhead",
+    "max_chunk_data",
+    "publish_packet_size",
+    "split",
+]
+
+MQTT_PUBLISH_OVERHEAD_BYTES: Final = 5 + 2 + 2 + 16
+"""Fixed header (up to 5), topic length (2), packet id (2), MQTT 5 properties (about 16)."""
+
+SAFETY_MARGIN_BYTES: Final = 64
+_MAX_BIN_HEADER_GROWTH: Final = 3  # an empty bin has a 2-byte header, a large one 5 bytes
+_MESSAGE_ID_LEN: Final = len(new_message_id())
+
+TransferKey = tuple[str, str]
+"""(sender, xfer): transfers of different senders never collide."""
+
+
+def publish_packet_size(topic: str, payload_size: int) -> int:
+    """Upper bound of the PUBLISH packet carrying ``payload_size`` bytes on ``topic``."""
+    return MQTT_PUBLISH_OVERHEAD_BYTES + len(topic.encode()) + payload_size
+
+
+def chunk_overhead(*, run: str, sender: str, round: int = 0, xfer: str) -> int:
+    """Bytes a Chunk message with these envelope fields adds to its data, at most.
+
+    Computed by encoding an empty chunk whose integer fields take their widest
+    encodings, so it follows the codec instead of a hand-kept constant.
+    """
+    probe = Chunk(
+        run=run,
+        round=round,
+        sender=sender,
+        id="x" * _MESSAGE_ID_LEN,
+        xfer=xfer,
+        index=0xFFFFFFFE,
+        count=0xFFFFFFFF,
+        size=1 << 40,
+        digest=bytes(32),
+        crc=0xFFFFFFFF,
+        data=memoryview(b""),
+    )
+    return len(codec.encode(probe)) + _MAX_BIN_HEADER_GROWTH
+
+
+def max_chunk_data(
+    max_payload_bytes: int, topic: str, *, run: str, sender: str, round: int = 0, xfer: str
+) -> int:
+    """Data bytes one chunk may carry so its PUBLISH on ``topic`` fits ``max_payload_bytes``.
+
+    Raises:
+        ValueError: the limit leaves no room for data.
+    """
+    room = (
+        max_payload_bytes
+        - publish_packet_size(topic, 0)
+        - chunk_overhead(run=run, sender=sender, round=round, xfer=xfer)
+        - SAFETY_MARGIN_BYTES
+    )
+    if room < 1:
+        raise ValueError(f"max_payload_bytes {max_payload_bytes} leaves no room for chunk data")
+    return room
+
+
+@dataclass(slots=True)
+class OutgoingTransfer:
+    """One encoded message to be sent in chunks; builds chunk ``i`` on demand.
+
+    Args:
+        payload: the encoded message.
+        chunk_data: data bytes per chunk (from `max_chunk_data`).
+        xfer: transfer id, unique per sender.
+        run, sender, round: envelope fields of every chunk.
+    """
+
+    payload: bytes
+    chunk_data: int
+    xfer: str
+    run: str
+    sender: str
+    round: int = 0
+    digest: bytes = field(init=False)
+    count: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.chunk_data < 1:
+            raise ValueError("chunk_data must be positive")
+        self.digest = hashlib.sha256(self.payload).digest()
+        self.count = max(1, -(-len(self.payload) // self.chunk_data))
+
+    def chunk(self, index: int) -> Chunk:
+        """Chunk ``index`` with a fresh message id (a resend is a new message)."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"chunk {index} of {self.count}")
+        start = index * self.chunk_data
+        data = memoryview(self.payload)[start : start + self.chunk_data]
+        return Chunk(
+            run=self.run,
+            round=self.round,
+            sender=self.sender,
+            xfer=self.xfer,
+            index=index,
+            count=self.count,
+            size=len(self.payload),
+            digest=self.digest,
+            crc=zlib.crc32(data),
+            data=data,
+        )
+
+    def chunks(self) -> Iterator[Chunk]:
+        """All chunks in order, built lazily."""
+        return (self.chunk(i) for i in range(self.count))
+
+
+def split(
+    payload: bytes, *, max_chunk_data: int, xfer: str, run: str, sender: str, round: int = 0
+) -> list[Chunk]:
+    """Split ``payload`` into chunks of at most ``max_chunk_data`` data bytes (views, no copy)."""
+    return list(
+        OutgoingTransfer(payload, max_chunk_data, xfer, run, sender, round).chunks(),
+    )
+
+
+class Status(enum.Enum):
+    """What feeding one chunk did."""
+
+    ACCEPTED = "accepted"  # stored; the transfer is still incomplete
+    COMPLETED = "completed"  # the last chunk: the verified payload is in Fed.payload
+    DUPLICATE = "duplicate"  # already held, or the transfer is finished
+    CORRUPT = "corrupt"  # CRC mismatch or inconsistent with the transfer's geometry
+    OVERSIZE = "oversize"  # size above max_message_bytes
+    REFUSED = "refused"  # max_transfers or max_bytes would be exceeded
+    DIGEST_MISMATCH = "digest_mismatch"  # all chunks arrived but the SHA-256 differs
+
+
+@dataclass(frozen=True, slots=True)
+class Fed:
+    """Result of `Reassembler.feed`. ``payload`` is a read-only view, set on COMPLETED."""
+
+    status: Status
+    key: TransferKey
+    payload: memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Polled:
+    """Result of `Reassembler.poll`: transfers to re-request, and those just freed."""
+
+    stalled: list[TransferKey]
+    expired: list[TransferKey]
+
+
+@dataclass(slots=True)
+class _Assembly:
+    size: int
+    count: int
+    digest: bytes
+    chunk_len: int
+    buf: bytearray
+    have: bytearray
+    last_progress: float
+    last_request: float
+    received: int = 0
+    contiguous: int = 0  # every index below this is held
+    requests: int = 0
+
+
+class Reassembler:
+    """Bounded reassembly of chunked transfers from many senders.
+
+    Args:
+        max_transfers: most transfers assembled at once.
+        max_bytes: bound on all preallocated buffers together.
+        timeout_s: a transfer with no new chunk for this long is freed (expired).
+        max_message_bytes: largest reassembled payload accepted.
+        request_gap_s: idle time after which a transfer is reported as stalled.
+        max_requests: stalled reports per stall (reset by progress).
+        remember_finished: how many finished transfer keys are remembered so
+            late chunks are recognised as duplicates.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_transfers: int,
+        max_bytes: int,
+        timeout_s: float,
+        max_message_bytes: int,
+        request_gap_s: float = 1.0,
+        max_requests: int = 5,
+        remember_finished: int = 4096,
+    ) -> None:
+        if min(max_transfers, max_bytes, max_message_bytes, remember_finished) < 1:
+            raise ValueError("reassembly limits must be positive")
+        if timeout_s <= 0 or request_gap_s <= 0:
+            raise ValueError("timeout_s and request_gap_s must be positive")
+        self.max_transfers = max_transfers
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.request_gap_s = request_gap_s
+        self.max_requests = max_requests
+        self._remember = remember_finished
+        self._live: dict[TransferKey, _Assembly] = {}
+        self._finished: OrderedDict[TransferKey, None] = OrderedDict()
+        self.bytes_reserved = 0
+        self.counts: dict[str, int] = {s.value: 0 for s in Status} | {"expired": 0}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._live
+
+    def can_start(self, size: int, count: int) -> bool:
+        """Whether a new transfer of this size would be accepted now."""
+        return (
+            size <= self.max_message_bytes
+            and len(self._live) < self.max_transfers
+            and self.bytes_reserved + size + count <= self.max_bytes
+        )
+
+    def feed(self, chunk: Chunk, *, sender: str, now: float) -> Fed:
+        """Take one chunk (from ``sender``, already checked against the topic)."""
+        fed = self._feed(chunk, (sender, chunk.xfer), now)
+        self.counts[fed.status.value] += 1
+        return fed
+
+    def check(self, chunk: Chunk, *, sender: str) -> Status | None:
+        """Checks that need no state: the status `feed` would refuse with, or None.
+
+        Lets a caller vet a chunk before holding it (e.g. in a flow-control queue).
+        """
+        key = (sender, chunk.xfer)
+        if key in self._finished:
+            return Status.DUPLICATE
+        if zlib.crc32(chunk.data) != chunk.crc:
+            return Status.CORRUPT
+        if key not in self._live:
+            if chunk.size > self.max_message_bytes:
+                return Status.OVERSIZE
+            if _geometry(chunk) is None:
+                return Status.CORRUPT
+        return None
+
+    def _feed(self, chunk: Chunk, key: TransferKey, now: float) -> Fed:
+        refused = self.check(chunk, sender=key[0])
+        if refused is not None:
+            return Fed(refused, key)
+        data = chunk.data
+        asm = self._live.get(key)
+        if asm is None:
+            chunk_len = _geometry(chunk)
+            assert chunk_len is not None  # checked above
+            if not self.can_start(chunk.size, chunk.count):
+                return Fed(Status.REFUSED, key)
+            asm = _Assembly(
+                size=chunk.size,
+                count=chunk.count,
+                digest=bytes(chunk.digest),
+                chunk_len=chunk_len,
+                buf=bytearray(chunk.size),
+                have=bytearray(chunk.count),
+                last_progress=now,
+                last_request=now,
+            )
+            self._live[key] = asm
+            self.bytes_reserved += chunk.size + chunk.count
+        elif (chunk.size, chunk.count, chunk.digest) != (asm.size, asm.count, asm.digest):
+            return Fed(Status.CORRUPT, key)
+        i = chunk.index
+        start = i * asm.chunk_len
+        expected = min(asm.chunk_len, asm.size - start) if i < asm.count else -1
+        if len(data) != expected:
+            return Fed(Status.CORRUPT, key)
+        if asm.have[i]:
+            return Fed(Status.DUPLICATE, key)
+        asm.buf[start : start + expected] = data
+        asm.have[i] = 1
+        asm.received += 1
+        asm.last_progress = now
+        asm.requests = 0
+        while asm.contiguous < asm.count and asm.have[asm.contiguous]:
+            asm.contiguous += 1
+        if asm.received < asm.count:
+            return Fed(Status.ACCEPTED, key)
+        self._finish(key)
+        if hashlib.sha256(asm.buf).digest() != asm.digest:
+            return Fed(Status.DIGEST_MISMATCH, key)
+        return Fed(Status.COMPLETED, key, memoryview(asm.buf).toreadonly())
+
+    def contiguous(self, key: TransferKey) -> int:
+        """How many chunks from index 0 on are held (0 for an unknown transfer)."""
+        asm = self._live.get(key)
+        return asm.contiguous if asm is not None else 0
+
+    def count(self, key: TransferKey) -> int:
+        """Number of chunks of a live transfer (0 if unknown)."""
+        asm = self._live.get(key)
+        return asm.count if asm is not None else 0
+
+    def missing(
+        self, key: TransferKey, *, below: int | None = None, limit: int = 1024
+    ) -> list[int]:
+        """Indices not yet held, below ``below`` (default: all), at most ``limit`` of them."""
+        asm = self._live.get(key)
+        if asm is None:
+            return []
+        end = asm.count if below is None else min(below, asm.count)
+        out: list[int] = []
+        for i in range(asm.contiguous, end):
+            if not asm.have[i]:
+                out.append(i)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def poll(self, now: float) -> Polled:
+        """Expire idle transfers and report stalled ones (each at most every ``request_gap_s``)."""
+        stalled: list[TransferKey] = []
+        expired: list[TransferKey] = []
+        for key, asm in list(self._live.items()):
+            if now - asm.last_progress >= self.timeout_s:
+                self._finish(key)
+                self.counts["expired"] += 1
+                expired.append(key)
+            elif (
+                now - max(asm.last_progress, asm.last_request) >= self.request_gap_s
+                and asm.requests < self.max_requests
+            ):
+                asm.requests += 1
+                asm.last_request = now
+                stalled.append(key)
+        return Polled(stalled, expired)
+
+    def touch(self, key: TransferKey, now: float) -> None:
+        """Restart a transfer's idle clocks (e.g. when flow control lets it proceed)."""
+        asm = self._live.get(key)
+        if asm is not None:
+            asm.last_progress = asm.last_request = now
+
+    def discard(self, key: TransferKey) -> None:
+        """Free a transfer and remember it as finished."""
+        if key in self._live:
+            self._finish(key)
+
+    def _finish(self, key: TransferKey) -> None:
+        asm = self._live.pop(key)
+        self.bytes_reserved -= asm.size + asm.count
+        self._finished[key] = None
+        if len(self._finished) > self._remember:
+            self._finished.popitem(last=False)
+
+
+def _geometry(chunk: Chunk) -> int | None:
+    """The data length of a full chunk implied by ``chunk``, or None if inconsistent.
+
+    All chunks but the last carry the same length L and count = ceil(size / L),
+    so L follows from any one chunk: its own length, or for the last chunk
+    (size - its length) / (count - 1).
+    """
+    n, size, count, i = len(chunk.data), chunk.size, chunk.count, chunk.index
+    if i >= count:
+        return None
+    if count == 1:
+        return size if n == size else None
+    if i < count - 1:
+        chunk_len = n
+    else:
+        rest = size - n
+        if rest <= 0 or rest % (count - 1):
+            return None
+        chunk_len = rest // (count - 1)
+    if chunk_len < 1 or -(-size // chunk_len) != count:
+        return None
+    return chunk_len

@@ -1,0 +1,409 @@
+"""An in-process message bus with MQTT semantics, for tests and very large simulations.
+
+`MemoryBus` plays the broker; each `MemoryTransport` is one client connection.
+It keeps the semantics fedbus relies on from a real broker, including the
+unpleasant ones, so code tested here behaves the same over mosquitto:
+
+- wildcards ``+``/``#`` (`topic_matches` rules, ``$`` topics excluded), one copy
+  per client however many of its filters match, QoS = min(publish, subscribe);
+- retained messages (an empty retained payload clears the topic), delivered on
+  subscribe with ``retain=True``;
+- the last will is published when a connection ends through
+  `MemoryTransport.abort` (a simulated crash), never on a clean `aclose`;
+- a bounded queue per subscriber: beyond ``max_queued_messages`` new messages
+  are dropped silently while the publisher's ``publish`` still succeeds, as
+  mosquitto does with QoS 1 (shared notes, section 8);
+- QoS 1 duplicates on demand, and fault hooks (drop, tamper, delay) for tests.
+
+Scale: publishing is synchronous fan-out into per-subscriber deques (no task
+per message or subscriber); matching walks a topic trie, so the cost is about
+the number of filters that can match, not the number of clients. ``publish``
+yields to the event loop once, standing in for the PUBACK round trip.
+
+Accounting: ``bytes_out``/``bytes_in`` count payload bytes a client published
+and had delivered (the encoded messages), the figure behind ``bytes_up`` and
+``bytes_down`` in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from fedbus.chunking import publish_packet_size
+from fedbus.config import DEFAULT_MAX_PAYLOAD_BYTES
+from fedbus.errors import FedbusError, TransportClosed
+from fedbus.transport.base import Received, Will, topic_matches
+
+__all__ = ["BusStats", "ClientStats", "MemoryBus", "MemoryTransport", "PayloadTooLargeError"]
+
+DropHook = Callable[[str, bytes], bool]
+TamperHook = Callable[[str, bytes], bytes]
+DelayHook = Callable[[str, bytes], float]
+
+
+class PayloadTooLargeError(FedbusError, ValueError):
+    """A PUBLISH packet would exceed the connection's ``max_payload_bytes``; nothing was sent.
+
+    Same bases as `fedbus.transport.mqtt.PayloadTooLargeError`: a caller's
+    mistake (split the payload), not a connection failure.
+    """
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Per-client counters, kept by the bus across reconnects of the same client id."""
+
+    messages_out: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    bytes_in: int = 0
+    dropped_queue_full: int = 0
+    max_queue_depth: int = 0
+
+
+@dataclass(slots=True)
+class BusStats:
+    """Bus-wide counters."""
+
+    published: int = 0
+    delivered: int = 0
+    dropped_queue_full: int = 0
+    dropped_by_hook: int = 0
+    duplicated: int = 0
+    clients: dict[str, ClientStats] = field(default_factory=dict)
+
+    def client(self, client_id: str) -> ClientStats:
+        """Counters of one client (created on first use)."""
+        stats = self.clients.get(client_id)
+        if stats is None:
+            stats = self.clients[client_id] = ClientStats()
+        return stats
+
+
+class _Node:
+    # One trie level. ``subs`` maps a subscribed client to its subscription QoS.
+    __slots__ = ("children", "subs")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.subs: dict[MemoryTransport, int] = {}
+
+
+class MemoryBus:
+    """The in-process broker.
+
+    Args:
+        max_queued_messages: per-subscriber queue bound (mosquitto's default 1000);
+            messages beyond it are dropped silently and counted.
+        duplicate_probability: chance that a QoS 1 delivery is made twice.
+        seed: seeds the bus's own `random.Random` (duplicates), so runs repeat.
+
+    Attributes:
+        drop: fault hook; ``drop(topic, payload) -> True`` drops the message
+            for every subscriber (the publisher is still acknowledged).
+        tamper: fault hook returning the payload subscribers receive instead.
+        delay: fault hook returning seconds to hold the message back (0: none);
+            delayed messages may overtake one another, as on a real network.
+        duplicate: explicit hook deciding per message whether QoS 1 delivery
+            happens twice; overrides ``duplicate_probability``.
+        stats: counters, bus-wide and per client.
+    """
+
+    def __init__(
+        self, *, max_queued_messages: int = 1000, duplicate_probability: float = 0.0, seed: int = 0
+    ) -> None:
+        if max_queued_messages < 1:
+            raise ValueError("max_queued_messages must be at least 1")
+        if not 0.0 <= duplicate_probability <= 1.0:
+            raise ValueError("duplicate_probability must be in [0, 1]")
+        self.max_queued_messages = max_queued_messages
+        self.duplicate_probability = duplicate_probability
+        self.random = random.Random(seed)
+        self.drop: DropHook | None = None
+        self.tamper: TamperHook | None = None
+        self.delay: DelayHook | None = None
+        self.duplicate: DropHook | None = None
+        self.stats = BusStats()
+        self._root = _Node()
+        self._retained: dict[str, Received] = {}
+        self._clients: dict[str, MemoryTransport] = {}
+
+    def transport(self, client_id: str, **kwargs: object) -> MemoryTransport:
+        """Shorthand for ``MemoryTransport(self, client_id, ...)``."""
+        return MemoryTransport(self, client_id, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def retained(self) -> dict[str, bytes]:
+        """Retained payloads by topic (a copy)."""
+        return {t: r.payload for t, r in self._retained.items()}
+
+    # -- connections ----------------------------------------------------------
+
+    def _connect(self, client: MemoryTransport) -> None:
+        old = self._clients.get(client.client_id)
+        if old is not None and old is not client:
+            # MQTT session takeover: the older connection is closed by the broker.
+            old._disconnect()
+        self._clients[client.client_id] = client
+
+    def _disconnect(self, client: MemoryTransport) -> None:
+        if self._clients.get(client.client_id) is client:
+            del self._clients[client.client_id]
+        for topic_filter in list(client._filters):
+            self._unsubscribe(client, topic_filter)
+
+    # -- subscriptions --------------------------------------------------------
+
+    def _subscribe(self, client: MemoryTransport, topic_filter: str, qos: int) -> None:
+        node = self._root
+        for level in topic_filter.split("/"):
+            node = node.children.setdefault(level, _Node())
+        node.subs[client] = qos
+        for topic, msg in self._retained.items():
+            if topic_matches(topic_filter, topic):
+                client._enqueue(Received(topic, msg.payload, min(qos, msg.qos), True))
+
+    def _unsubscribe(self, client: MemoryTransport, topic_filter: str) -> None:
+        path = [self._root]
+        for level in topic_filter.split("/"):
+            nxt = path[-1].children.get(level)
+            if nxt is None:
+                return
+            path.append(nxt)
+        path[-1].subs.pop(client, None)
+        # Prune empty branches so the trie does not grow with churn.
+        levels = topic_filter.split("/")
+        for i in range(len(levels), 0, -1):
+            node = path[i]
+            if node.subs or node.children:
+                break
+            del path[i - 1].children[levels[i - 1]]
+
+    def _match(self, topic: str) -> dict[MemoryTransport, int]:
+        found: dict[MemoryTransport, int] = {}
+        levels = topic.split("/")
+        dollar = topic.startswith("$")
+
+        def visit(node: _Node, i: int) -> None:
+            wild = not (dollar and i == 0)
+            if wild and (hash_node := node.children.get("#")) is not None:
+                _merge(found, hash_node.subs)
+            if i == len(levels):
+                _merge(found, node.subs)
+                return
+            if (exact := node.children.get(levels[i])) is not None:
+                visit(exact, i + 1)
+            if wild and (plus := node.children.get("+")) is not None:
+                visit(plus, i + 1)
+
+        visit(self._root, 0)
+        return found
+
+    # -- publishing -----------------------------------------------------------
+
+    def _publish(self, sender: str, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.stats.published += 1
+        out = self.stats.client(sender)
+        out.messages_out += 1
+        out.bytes_out += len(payload)
+        if retain:
+            if payload:
+                self._retained[topic] = Received(topic, payload, qos, True)
+            else:
+                self._retained.pop(topic, None)
+        if self.drop is not None and self.drop(topic, payload):
+            self.stats.dropped_by_hook += 1
+            return
+        delay_s = self.delay(topic, payload) if self.delay is not None else 0.0
+        if self.tamper is not None:
+            payload = self.tamper(topic, payload)
+        if delay_s > 0:
+            loop = asyncio.get_running_loop()
+            loop.call_later(delay_s, self._fan_out, topic, payload, qos)
+        else:
+            self._fan_out(topic, payload, qos)
+
+    def _fan_out(self, topic: str, payload: bytes, qos: int) -> None:
+        for client, sub_qos in self._match(topic).items():
+            q = min(qos, sub_qos)
+            copies = 1
+            if q >= 1:
+                dup = self.duplicate
+                if dup is not None:
+                    copies += dup(topic, payload)
+                elif (
+                    self.duplicate_probability and self.random.random() < self.duplicate_probability
+                ):
+                    copies += 1
+            self.stats.duplicated += copies - 1
+            for _ in range(copies):
+                client._enqueue(Received(topic, payload, q, False))
+
+
+def _merge(found: dict[MemoryTransport, int], subs: dict[MemoryTransport, int]) -> None:
+    for client, qos in subs.items():
+        if found.get(client, -1) < qos:
+            found[client] = qos
+
+
+class MemoryTransport:
+    """One client connection to a `MemoryBus`, implementing `fedbus.transport.base.Transport`.
+
+    Args:
+        bus: the bus to connect to.
+        client_id: the MQTT client id (equals the node id).
+        will: last will, published by the bus if this connection is aborted.
+        max_payload_bytes: bound on a whole PUBLISH packet, as on a real broker.
+    """
+
+    def __init__(
+        self,
+        bus: MemoryBus,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self._bus = bus
+        self._client_id = client_id
+        self._will = will
+        self._max_payload_bytes = max_payload_bytes
+        self._filters: dict[str, int] = {}
+        self._queue: deque[Received] = deque()
+        self._wakeup = asyncio.Event()
+        self._connected = False
+        self._entered = False
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id."""
+        return self._client_id
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """Largest PUBLISH packet this connection may send."""
+        return self._max_payload_bytes
+
+    @property
+    def bus(self) -> MemoryBus:
+        """The bus this transport connects to."""
+        return self._bus
+
+    @property
+    def stats(self) -> ClientStats:
+        """This client's counters (kept by the bus)."""
+        return self._bus.stats.client(self._client_id)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is open."""
+        return self._connected
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError("MemoryTransport is reusable but not re-entrant")
+        self._entered = True
+        self._connected = True
+        self._wakeup = asyncio.Event()
+        self._queue.clear()
+        self._bus._connect(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if not self._connected:
+            raise TransportClosed(f"transport {self._client_id!r} is closed")
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish; returns once the bus has accepted (not necessarily delivered) it.
+
+        Raises:
+            PayloadTooLargeError: the PUBLISH packet would exceed ``max_payload_bytes``.
+            TransportClosed: the transport is closed.
+        """
+        self._check_open()
+        size = publish_packet_size(topic, len(payload))
+        if size > self._max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"PUBLISH of {size} bytes on {topic!r} exceeds max_payload_bytes "
+                f"{self._max_payload_bytes}"
+            )
+        if "+" in topic or "#" in topic or not topic:
+            raise ValueError(f"cannot publish to a topic filter: {topic!r}")
+        self._bus._publish(self._client_id, topic, bytes(payload), min(qos, 1), retain)
+        await asyncio.sleep(0)  # stands in for the PUBACK round trip: let others run
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
+        """Subscribe; retained messages matching the filter are delivered at once."""
+        self._check_open()
+        if topic_filter in self._filters:
+            self._bus._unsubscribe(self, topic_filter)
+        self._filters[topic_filter] = qos
+        self._bus._subscribe(self, topic_filter, min(qos, 1))
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription (no error if there was none)."""
+        self._check_open()
+        if self._filters.pop(topic_filter, None) is not None:
+            self._bus._unsubscribe(self, topic_filter)
+
+    async def messages(self) -> AsyncIterator[Received]:
+        """Yield delivered messages in order until the transport is closed."""
+        while True:
+            while self._queue:
+                yield self._queue.popleft()
+            if not self._connected:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def aclose(self) -> None:
+        """Disconnect cleanly (no last will). Idempotent."""
+        if self._connected:
+            self._disconnect()
+
+    async def abort(self) -> None:
+        """Simulate a crash: the connection drops and the bus publishes the last will."""
+        if not self._connected:
+            return
+        self._disconnect()
+        will = self._will
+        if will is not None:
+            self._bus._publish(self._client_id, will.topic, will.payload, will.qos, will.retain)
+
+    def _disconnect(self) -> None:
+        self._connected = False
+        self._entered = False
+        self._bus._disconnect(self)
+        self._filters.clear()
+        self._queue.clear()
+        self._wakeup.set()
+
+    def _enqueue(self, msg: Received) -> None:
+        stats = self._bus.stats.client(self._client_id)
+        if len(self._queue) >= self._bus.max_queued_messages:
+            stats.dropped_queue_full += 1
+            self._bus.stats.dropped_queue_full += 1
+            return
+        self._queue.append(msg)
+        stats.messages_in += 1
+        stats.bytes_in += len(msg.payload)
+        self._bus.stats.delivered += 1
+        if len(self._queue) > stats.max_queue_depth:
+            stats.max_queue_depth = len(self._queue)
+        self._wakeup.set()

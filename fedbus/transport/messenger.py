@@ -1,0 +1,373 @@
+"""Messages over any `Transport`: encoding, chunking, flow control, validation.
+
+The layer node runtimes talk through. It owns the I/O only; the decisions
+live in sans-IO parts that get ``now`` from here: `fedbus.inbound.Inbound`
+(validation, reassembly, credits granted; it returns commands that this
+module executes), `fedbus.flow.SendWindow` (credits obeyed),
+`fedbus.flow.ResendCache` and `fedbus.chunking`. Two background tasks per messenger: ``fedbus[<node>].receive`` reads the
+transport, ``fedbus[<node>].timers`` asks for missing chunks and expires stale
+transfers (it sleeps on an event while no transfer is open, so thousands of
+idle messengers cost nothing).
+
+Usage::
+
+    async with transport, Messenger(transport, node_id="client-3", run="r1") as m:
+        await m.subscribe_broadcasts("server", "model")
+        async for topic, message in m.messages():
+            await m.send("server", reply)
+
+A message that fits one PUBLISH (``transport.max_payload_bytes``) goes as one;
+a larger one is split into chunks (`fedbus.chunking`). Directed transfers are
+credit-controlled (`fedbus.flow`); broadcasts are paced by the transport.
+Received messages that fail a check are dropped and counted in
+``stats.dropped[reason]`` (reasons in `DROP_REASONS`); the iterator never
+raises for a bad message, only when the transport fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+from fedbus import codec, topics
+from fedbus.chunking import OutgoingTransfer, max_chunk_data, publish_packet_size
+from fedbus.codec import DEFAULT_LIMITS, DecodeLimits
+from fedbus.errors import ConfigError, TransferError, TransportClosed, TransportError
+from fedbus.flow import ResendCache, SendWindow, TransferLimits
+from fedbus.inbound import (
+    DROP_REASONS,
+    Command,
+    CreditReceived,
+    Deliver,
+    Inbound,
+    Incoming,
+    MessengerStats,
+    Publish,
+    ResendRequested,
+)
+from fedbus.messages import Chunk, Message, new_message_id
+from fedbus.topics import DEFAULT_PREFIX
+from fedbus.transport.base import Transport
+
+__all__ = ["DROP_REASONS", "Incoming", "Messenger", "MessengerStats"]
+
+log = logging.getLogger(__name__)
+
+_MAX_RESEND_TASKS: Final = 32
+
+
+@dataclass(slots=True)
+class _Outbound:
+    transfer: OutgoingTransfer
+    recipient: str | None  # None: a broadcast (not credit-controlled)
+    window: SendWindow
+    wake: asyncio.Event
+
+
+class Messenger:
+    """Sends and receives fedbus messages for one node over a connected transport.
+
+    The messenger is the transport's only reader. It does not connect or close
+    the transport; enter the transport first.
+
+    Args:
+        transport: a connected transport whose client id is ``node_id``.
+        node_id: this node's id.
+        run: the run id; messages of other runs are dropped.
+        prefix: topic prefix.
+        limits: chunking and flow-control bounds.
+        decode_limits: bounds for decoding one message.
+        clock: monotonic seconds; injectable for tests.
+
+    Raises:
+        ConfigError: ``node_id`` differs from the transport's client id.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        node_id: str,
+        run: str,
+        prefix: str = DEFAULT_PREFIX,
+        limits: TransferLimits | None = None,
+        decode_limits: DecodeLimits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if transport.client_id != node_id:
+            raise ConfigError(f"node id {node_id!r} must equal the MQTT client id")
+        self._inbox_filter = topics.inbox_filter(run, node_id, prefix=prefix)  # validates ids
+        self.transport = transport
+        self.node_id = node_id
+        self.run = run
+        self.prefix = prefix
+        self.limits = lim = limits or TransferLimits()
+        self._clock = clock
+        self.stats = MessengerStats()
+        self._inbound = Inbound(
+            node_id=node_id,
+            run=run,
+            prefix=prefix,
+            limits=lim,
+            decode_limits=decode_limits,
+            max_payload_bytes=transport.max_payload_bytes,
+            stats=self.stats,
+        )
+        self._cache = ResendCache(
+            max_bytes=lim.resend_cache_bytes, max_age_s=lim.resend_cache_age_s
+        )
+        self._outbound: dict[str, _Outbound] = {}
+        self._queue: asyncio.Queue[Incoming | None] = asyncio.Queue()
+        self._work = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._error: BaseException | None = None
+        self._closed = True
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.transport.subscribe(self._inbox_filter)
+        self._closed = False
+        self._error = None
+        self._queue = asyncio.Queue()
+        self._spawn(self._receive_loop(), "receive")
+        self._spawn(self._timer_loop(), "timers")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the background tasks and end `messages`. Idempotent; the transport stays open."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._wake_all()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"fedbus[{self.node_id}].{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _wake_all(self) -> None:
+        self._queue.put_nowait(None)
+        for ob in self._outbound.values():
+            ob.wake.set()
+
+    # -- public API -------------------------------------------------------------
+
+    async def subscribe_broadcasts(
+        self, sender: str | None = None, channel: str | None = None
+    ) -> None:
+        """Receive broadcasts of ``sender`` (None: everyone) on ``channel`` (None: all)."""
+        filt = topics.broadcast_filter(self.run, sender, channel, prefix=self.prefix)
+        await self.transport.subscribe(filt)
+
+    async def unsubscribe_broadcasts(
+        self, sender: str | None = None, channel: str | None = None
+    ) -> None:
+        """Undo `subscribe_broadcasts` with the same arguments."""
+        filt = topics.broadcast_filter(self.run, sender, channel, prefix=self.prefix)
+        await self.transport.unsubscribe(filt)
+
+    async def send(self, recipient: str, message: Message) -> None:
+        """Send ``message`` to ``recipient`` alone; returns when every chunk was published.
+
+        Raises:
+            TransferError: the receiver granted no credit within ``credit_timeout_s``.
+            TransportError: the transport failed (TransportClosed once closed).
+        """
+        topic = topics.directed(self.run, recipient, self.node_id, prefix=self.prefix)
+        payload = codec.encode(message)
+        if publish_packet_size(topic, len(payload)) <= self.transport.max_payload_bytes:
+            await self.transport.publish(topic, payload)
+            self.stats.sent += 1
+            return
+        transfer = self._new_transfer(payload, message.round, topic)
+        now = self._clock()
+        self._cache.put(transfer, recipient, now=now)
+        ob = _Outbound(transfer, recipient, SendWindow(transfer.count, now=now), asyncio.Event())
+        self._outbound[transfer.xfer] = ob
+        try:
+            while True:
+                for index in ob.window.take():
+                    await self._publish_chunk(topic, transfer.chunk(index))
+                if ob.window.done:
+                    break
+                await self._await_credit(ob, topic)
+        finally:
+            del self._outbound[transfer.xfer]
+        self.stats.sent += 1
+
+    async def broadcast(self, message: Message, channel: str) -> None:
+        """Publish ``message`` on this node's ``channel`` for every subscriber.
+
+        Large messages are chunked without credits (one sender, many receivers):
+        the transport's in-flight window paces them and receivers ask for
+        missing chunks again, answered from the resend cache.
+        """
+        topic = topics.broadcast(self.run, self.node_id, channel, prefix=self.prefix)
+        payload = codec.encode(message)
+        if publish_packet_size(topic, len(payload)) <= self.transport.max_payload_bytes:
+            await self.transport.publish(topic, payload)
+        else:
+            transfer = self._new_transfer(payload, message.round, topic)
+            now = self._clock()
+            self._cache.put(transfer, None, now=now)
+            # Tracked while streaming so requests for chunks not yet sent are ignored.
+            window = SendWindow(transfer.count, now=now)
+            self._outbound[transfer.xfer] = _Outbound(transfer, None, window, asyncio.Event())
+            try:
+                for index in range(transfer.count):
+                    window.next_index = index + 1
+                    await self._publish_chunk(topic, transfer.chunk(index))
+            finally:
+                del self._outbound[transfer.xfer]
+        self.stats.sent += 1
+
+    async def messages(self) -> AsyncIterator[Incoming]:
+        """Yield validated messages (control traffic is consumed) until closed.
+
+        Raises:
+            TransportError: the transport failed underneath.
+        """
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                self._queue.put_nowait(None)  # let any other reader end too
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    # -- sending helpers --------------------------------------------------------
+
+    def _new_transfer(self, payload: bytes, round_: int, topic: str) -> OutgoingTransfer:
+        xfer = new_message_id()
+        # Resends go to the requester's inbox: size chunks for the longest such topic.
+        worst = topics.directed(self.run, "r" * 64, self.node_id, prefix=self.prefix)
+        longest = max(topic, worst, key=len)
+        data = max_chunk_data(
+            self.transport.max_payload_bytes,
+            longest,
+            run=self.run,
+            sender=self.node_id,
+            round=round_,
+            xfer=xfer,
+        )
+        return OutgoingTransfer(payload, data, xfer, self.run, self.node_id, round_)
+
+    async def _publish_chunk(self, topic: str, chunk: Chunk) -> None:
+        await self.transport.publish(topic, codec.encode(chunk))
+        self.stats.chunks_sent += 1
+
+    async def _await_credit(self, ob: _Outbound, topic: str) -> None:
+        lim = self.limits
+        while ob.window.credit <= ob.window.next_index:
+            if self._closed:
+                raise TransportClosed("messenger closed while waiting for credit")
+            remaining = lim.credit_timeout_s - ob.window.idle_s(self._clock())
+            if remaining <= 0:
+                raise TransferError(
+                    f"no credit from {ob.recipient!r} for transfer {ob.transfer.xfer} "
+                    f"within {lim.credit_timeout_s} s ({ob.window.next_index}/{ob.transfer.count} sent)"
+                )
+            # Until the first credit, chunk 0 may have been lost: re-send it now and then.
+            wait_s = remaining if ob.window.credited else min(remaining, lim.request_gap_s)
+            ob.wake.clear()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await ob.wake.wait()
+            except TimeoutError:
+                if not ob.window.credited and wait_s < remaining:
+                    await self._publish_chunk(topic, ob.transfer.chunk(0))
+                    self.stats.probes_sent += 1
+
+    async def _resend(self, requester: str, transfer: OutgoingTransfer, indices: list[int]) -> None:
+        topic = topics.directed(self.run, requester, self.node_id, prefix=self.prefix)
+        try:
+            for index in indices:
+                await self._publish_chunk(topic, transfer.chunk(index))
+                self.stats.chunks_resent += 1
+        except Exception:  # a failed resend must not take the messenger down
+            log.warning(
+                "%s: resend of %s to %s failed",
+                self.node_id,
+                transfer.xfer,
+                requester,
+                exc_info=True,
+            )
+
+    async def _execute(self, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, Publish):
+                await self.transport.publish(command.topic, codec.encode(command.message))
+            elif isinstance(command, Deliver):
+                if self._queue.qsize() >= self.limits.max_queued_messages:
+                    self.stats.dropped["overflow"] += 1
+                else:
+                    self._queue.put_nowait(command.incoming)
+                    self.stats.received += 1
+            elif isinstance(command, CreditReceived):
+                ob = self._outbound.get(command.xfer)
+                if ob is not None and ob.recipient == command.sender:
+                    ob.window.on_credit(command.upto, now=self._clock())
+                    ob.wake.set()
+            else:
+                self._on_resend_request(command)
+
+    def _on_resend_request(self, request: ResendRequested) -> None:
+        ob = self._outbound.get(request.xfer)
+        if ob is not None:
+            transfer, recipient, sent = ob.transfer, ob.recipient, ob.window.next_index
+        elif (cached := self._cache.get(request.xfer, now=self._clock())) is not None:
+            transfer, recipient, sent = cached.transfer, cached.recipient, cached.transfer.count
+        else:
+            self.stats.dropped["unanswerable_request"] += 1
+            return
+        indices = sorted({i for i in request.missing if i < sent})
+        if recipient not in (None, request.requester) or (
+            indices and len(self._tasks) >= _MAX_RESEND_TASKS + 2  # busy: it will ask again
+        ):
+            self.stats.dropped["unanswerable_request"] += 1
+        elif indices:
+            self._spawn(self._resend(request.requester, transfer, indices), "resend")
+
+    # -- background tasks -------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        try:
+            async for received in self.transport.messages():
+                await self._execute(self._inbound.handle(received, now=self._clock()))
+                if self._inbound.busy:
+                    self._work.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the transport failed: surface it through messages()
+            self._error = exc
+        self._closed = True
+        self._wake_all()
+
+    async def _timer_loop(self) -> None:
+        tick_s = self.limits.request_gap_s / 2
+        while True:
+            if not self._inbound.busy:
+                self._work.clear()
+                await self._work.wait()
+            await asyncio.sleep(tick_s)
+            try:
+                await self._execute(self._inbound.tick(now=self._clock()))
+            except TransportError:
+                return  # the receive task sees the failure and reports it
