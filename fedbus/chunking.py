@@ -41,9 +41,9 @@ from typing import Final
 
 from fedbus import codec
 from fedbus.messages import Chunk, new_message_id
+from fedbus.transport.base import publish_packet_size
 
 __all__ = [
-    "MQTT_PUBLISH_OVERHEAD_BYTES",
     "Fed",
     "OutgoingTransfer",
     "Polled",
@@ -52,12 +52,8 @@ __all__ = [
     "TransferKey",
     "chunk_overhead",
     "max_chunk_data",
-    "publish_packet_size",
     "split",
 ]
-
-MQTT_PUBLISH_OVERHEAD_BYTES: Final = 5 + 2 + 2 + 16
-"""Fixed header (up to 5), topic length (2), packet id (2), MQTT 5 properties (about 16)."""
 
 SAFETY_MARGIN_BYTES: Final = 64
 _MAX_BIN_HEADER_GROWTH: Final = 3  # an empty bin has a 2-byte header, a large one 5 bytes
@@ -65,11 +61,6 @@ _MESSAGE_ID_LEN: Final = len(new_message_id())
 
 TransferKey = tuple[str, str]
 """(sender, xfer): transfers of different senders never collide."""
-
-
-def publish_packet_size(topic: str, payload_size: int) -> int:
-    """Upper bound of the PUBLISH packet carrying ``payload_size`` bytes on ``topic``."""
-    return MQTT_PUBLISH_OVERHEAD_BYTES + len(topic.encode()) + payload_size
 
 
 def chunk_overhead(*, run: str, sender: str, round: int = 0, xfer: str) -> int:

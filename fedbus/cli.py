@@ -49,7 +49,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedbus broker``: run the embedded broker in the foreground (DESIGN.md section 3)."""
+    parser = sub.add_parser(
+        "broker",
+        help="run the embedded MQTT broker until interrupted",
+        description="Run mosquitto (or the slower pure-Python amqtt fallback) in the foreground "
+        "until Ctrl-C. Beyond loopback it requires --password-file or TLS unless "
+        "--allow-anonymous is given.",
+    )
+    from fedbus.broker.command import add_arguments
+
+    add_arguments(parser)
+    parser.set_defaults(handler=_run_broker)
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    from fedbus.broker.command import run
+
+    return run(args)
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Imported lazily: the demo pulls the transports, which `fedbus --help` need not load.
+    from fedbus.demo import add_command
+
+    add_command(sub)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_broker,
+    _add_demo,
+]
 
 
 if __name__ == "__main__":

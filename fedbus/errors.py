@@ -9,6 +9,7 @@ catch the library as one family and still tell the layers apart::
     │   ├── DecodeError                  malformed MessagePack, schema mismatch, over a limit
     │   │   └── IncompatibleVersion      unknown major format version
     │   └── EncodeError                  an object the wire format cannot carry
+    ├── PayloadTooLargeError (also ValueError)  a PUBLISH over max_payload_bytes; chunk it
     ├── ProtocolError                    abstract: TypeError if instantiated directly
     │   ├── LocalProtocolError           we drove a machine illegally; it enters ERROR
     │   └── RemoteProtocolError          a single counterpart broke protocol
@@ -35,6 +36,7 @@ __all__ = [
     "FedbusError",
     "IncompatibleVersion",
     "LocalProtocolError",
+    "PayloadTooLargeError",
     "ProtocolError",
     "RemoteProtocolError",
     "TransferError",
@@ -92,6 +94,14 @@ class IncompatibleVersion(DecodeError):
 
 class EncodeError(WireError):
     """An object cannot be expressed in the wire format (e.g. an object-dtype tensor)."""
+
+
+class PayloadTooLargeError(FedbusError, ValueError):
+    """A PUBLISH packet would exceed the connection's ``max_payload_bytes``; nothing was sent.
+
+    A caller's mistake (the payload should have been chunked), not a
+    connection failure, hence also a ValueError.
+    """
 
 
 class ProtocolError(FedbusError):

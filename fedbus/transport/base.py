@@ -22,7 +22,31 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["Received", "Transport", "Will", "topic_matches"]
+__all__ = [
+    "Received",
+    "Transport",
+    "Will",
+    "packet_overhead",
+    "publish_packet_size",
+    "topic_matches",
+]
+
+
+def packet_overhead(topic: str) -> int:
+    """Upper bound on the bytes a PUBLISH packet adds around its payload.
+
+    Fixed header (1 byte plus a remaining length of up to 4), the topic (2-byte
+    length plus its UTF-8 bytes), the packet id (2, QoS > 0) and an empty MQTT 5
+    property block (1). The bound holds for MQTT 3.1.1 and 5 and any QoS, so
+    ``len(payload) <= max_payload_bytes - packet_overhead(topic)`` always fits.
+    Every transport checks ``max_payload_bytes`` with this one function.
+    """
+    return 1 + 4 + 2 + len(topic.encode("utf-8")) + 2 + 1
+
+
+def publish_packet_size(topic: str, payload_size: int) -> int:
+    """Upper bound of the whole PUBLISH packet carrying ``payload_size`` bytes on ``topic``."""
+    return packet_overhead(topic) + payload_size
 
 
 @dataclass(frozen=True, slots=True)

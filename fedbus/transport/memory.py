@@ -35,24 +35,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from fedbus.chunking import publish_packet_size
 from fedbus.config import DEFAULT_MAX_PAYLOAD_BYTES
-from fedbus.errors import FedbusError, TransportClosed
-from fedbus.transport.base import Received, Will, topic_matches
+from fedbus.errors import PayloadTooLargeError, TransportClosed
+from fedbus.transport.base import Received, Will, publish_packet_size, topic_matches
 
-__all__ = ["BusStats", "ClientStats", "MemoryBus", "MemoryTransport", "PayloadTooLargeError"]
+__all__ = ["BusStats", "ClientStats", "MemoryBus", "MemoryTransport"]
 
 DropHook = Callable[[str, bytes], bool]
 TamperHook = Callable[[str, bytes], bytes]
 DelayHook = Callable[[str, bytes], float]
-
-
-class PayloadTooLargeError(FedbusError, ValueError):
-    """A PUBLISH packet would exceed the connection's ``max_payload_bytes``; nothing was sent.
-
-    Same bases as `fedbus.transport.mqtt.PayloadTooLargeError`: a caller's
-    mistake (split the payload), not a connection failure.
-    """
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from fedbus import codec, topics
-from fedbus.chunking import OutgoingTransfer, max_chunk_data, publish_packet_size
+from fedbus.chunking import OutgoingTransfer, max_chunk_data
 from fedbus.codec import DEFAULT_LIMITS, DecodeLimits
 from fedbus.errors import ConfigError, TransferError, TransportClosed, TransportError
 from fedbus.flow import ResendCache, SendWindow, TransferLimits
@@ -52,7 +52,7 @@ from fedbus.inbound import (
 )
 from fedbus.messages import Chunk, Message, new_message_id
 from fedbus.topics import DEFAULT_PREFIX
-from fedbus.transport.base import Transport
+from fedbus.transport.base import Transport, publish_packet_size
 
 __all__ = ["DROP_REASONS", "Incoming", "Messenger", "MessengerStats"]
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from fedbus.errors import TransportClosed
+from fedbus.errors import PayloadTooLargeError, TransportClosed
 from fedbus.transport.base import Received, Transport, Will
-from fedbus.transport.memory import MemoryBus, MemoryTransport, PayloadTooLargeError
+from fedbus.transport.memory import MemoryBus, MemoryTransport
 
 
 async def drain(t: MemoryTransport, n: int, *, timeout_s: float = 2.0) -> list[Received]:
