@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import os
 import socket
 import ssl
 import struct
@@ -91,7 +92,7 @@ def _connect_packet(client_id: str) -> bytes:
 
 
 def probe_mqtt(
-    host: str, port: int, *, timeout_s: float, tls: bool = False, client_id: str = "fedbus-probe"
+    host: str, port: int, *, timeout_s: float, tls: bool = False, client_id: str | None = None
 ) -> bool:
     """Try one MQTT CONNECT/CONNACK exchange; True if the broker answered.
 
@@ -106,7 +107,7 @@ def probe_mqtt(
             probe talks to the child process we started, only to learn that it
             is up. A TLS alert after the TCP connect (a listener demanding a
             client certificate) also proves the listener is serving.
-        client_id: MQTT client id of the probe.
+        client_id: MQTT client id of the probe; default ``fedbus-probe-<pid>``.
     """
     try:
         raw = socket.create_connection((host, port), timeout=timeout_s)
@@ -120,7 +121,7 @@ def probe_mqtt(
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
                 sock = stack.enter_context(ctx.wrap_socket(raw, server_hostname=host))
-            sock.sendall(_connect_packet(client_id))
+            sock.sendall(_connect_packet(client_id or f"fedbus-probe-{os.getpid()}"))
             header = sock.recv(4)
         except ssl.SSLError:
             return True

@@ -84,6 +84,8 @@ def _build(args: argparse.Namespace) -> ManagedBroker:
 def _fail(exc: Exception, status: int) -> int:
     # One line on stderr; the broker log tail (if any) is logged for -v.
     first, _, rest = str(exc).partition("\n")
+    if rest and not log.isEnabledFor(logging.INFO):
+        first += " (run with -v for the broker log)"
     print(f"fedbus broker: {first}", file=sys.stderr)
     if rest:
         log.info("%s", rest)

@@ -167,8 +167,6 @@ class ManagedBroker:
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
     ) -> None:
-        if allow_anonymous is None:
-            allow_anonymous = password_file is None
         if not is_loopback(host) and password_file is None and tls is None and not allow_anonymous:
             raise ConfigError(
                 f"refusing to listen on {host} without credentials: beyond loopback the "
@@ -182,6 +180,8 @@ class ManagedBroker:
             )
         if port is not None and not 0 < port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {port}", path="broker.port")
+        if allow_anonymous is None:
+            allow_anonymous = password_file is None
         self._host = host
         self._port = port if port is not None else free_port(host)
         self._allow_anonymous = allow_anonymous
@@ -197,8 +197,16 @@ class ManagedBroker:
         if self._kind == "amqtt" and kind == "auto":
             self.notice = AMQTT_NOTICE
             log.warning("%s", AMQTT_NOTICE)
-        if self._kind == "amqtt" and persistence:
-            log.warning("the amqtt fallback keeps no persistent state; persistence is ignored")
+        if self._kind == "amqtt":
+            if tls is not None and tls.require_certificate:
+                raise ConfigError(
+                    "the amqtt fallback cannot require client certificates; use mosquitto",
+                    path="broker.tls.require_certificate",
+                )
+            if persistence:
+                log.warning("the amqtt fallback keeps no persistent state; persistence is ignored")
+            if max_payload_bytes is not None:
+                log.warning("the amqtt fallback enforces no packet size limit (max_payload_bytes)")
         self._child = _Child(tmpdir=Path(tempfile.mkdtemp(prefix="fedbus-broker-")))
         self._finalizer = weakref.finalize(self, _finalize, self._child)
 
@@ -393,7 +401,7 @@ class ManagedBroker:
                 raise BrokerError(
                     f"{self._kind} (pid {proc.pid}) did not accept an MQTT connection on "
                     f"{target}:{self._port} within {self._start_timeout_s:.1f} s"
-                    + (f"; log tail:\n{tail}" if tail else "")
+                    + (f"\nbroker log tail:\n{tail}" if tail else "")
                 )
             if probe_mqtt(
                 target, self._port, timeout_s=min(1.0, remaining), tls=self._tls is not None
@@ -408,7 +416,7 @@ class ManagedBroker:
             hint = f" (port {self._port} on {self._host} is already in use)"
         status = f"signal {-rc}" if rc < 0 else f"status {rc}"
         return f"{self._kind} broker (pid {pid}) exited with {status} {when}{hint}" + (
-            f"; log tail:\n{tail}" if tail else f"; no log output ({self.log_path})"
+            f"\nbroker log tail:\n{tail}" if tail else f" (no log output in {self.log_path})"
         )
 
     def _reap_locked(self) -> None:
