@@ -77,9 +77,48 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_command(sub)
 
 
+def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedbus validate``: check a topology file, print every problem (DESIGN.md section 3)."""
+    parser = sub.add_parser(
+        "validate",
+        help="check a topology file and print every problem with its line",
+        description="Check TOPOLOGY.yaml against the topology schema (docs/topology.md). Prints "
+        "each problem as FILE:LINE: PATH: message and exits 2 if there is any; prints a one-line "
+        "summary and exits 0 if the file is valid.",
+    )
+    parser.add_argument("topology", metavar="TOPOLOGY.yaml", help="the topology file")
+    parser.set_defaults(handler=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    # Lazy: loading the schema pulls PyYAML, which other commands need not load.
+    from fedbus.topology import NodeRole, TopologyError, load_topology
+
+    try:
+        topology = load_topology(args.topology)
+    except TopologyError as exc:
+        print(exc.format(), file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{args.topology}: invalid ({count} problem{'s' * (count > 1)})", file=sys.stderr)
+        return 2
+    counts = [
+        f"{len(ids)} {role.value}{'s' * (len(ids) != 1)}"
+        for role in NodeRole
+        if (ids := topology.ids(role))
+    ]
+    external = len(topology.nodes.external)
+    tail = f", {external} external" if external else ""
+    print(
+        f"{args.topology}: valid: {topology.name}, {topology.protocol.kind}, "
+        f"{topology.protocol.rounds} rounds, {', '.join(counts)}{tail}"
+    )
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_broker,
     _add_demo,
+    _add_validate,
 ]
 
 

@@ -1,0 +1,117 @@
+"""The ``protocol:`` section: which FL protocol runs, for how long, with what rules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from fedbus.topology.model import AggregatorSpec
+from fedbus.topology.problems import Checked
+
+__all__ = ["EVALUATE_MODES", "MIXINGS", "PROTOCOL_KINDS", "REHOME_MODES", "ProtocolConfig"]
+
+PROTOCOL_KINDS: Final = ("centralized", "hierarchical", "gossip")
+EVALUATE_MODES: Final = ("central", "federated")
+REHOME_MODES: Final = ("parent", "sibling")
+MIXINGS: Final = ("metropolis", "push_sum")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProtocolConfig(Checked):
+    """Rounds, selection, deadlines and aggregation.
+
+    Keys that belong to one protocol kind keep their defaults under the
+    others; a non-default value there is a problem, so a typo'd kind is caught.
+
+    Attributes:
+        kind: ``centralized``, ``hierarchical`` or ``gossip``.
+        rounds: global rounds to run.
+        clients_per_round: clients selected per round (centralized); exclusive
+            with ``fraction``. Neither means every client.
+        fraction: share of clients selected per round; in hierarchical, share
+            of its own devices each edge selects.
+        min_clients: quorum that may close a round at its deadline.
+        round_timeout_s: round deadline.
+        join_timeout_s: how long to wait for nodes before round 1.
+        evaluate: ``central`` (global model on the held-out test split) or
+            ``federated`` (sample-weighted mean of the clients' own evaluations).
+        aggregator: how updates are combined.
+        edge_rounds: local aggregation rounds per global round (hierarchical).
+        rehome: where the clients of a dead edge go (hierarchical).
+        mixing: ``metropolis`` or ``push_sum`` (gossip).
+    """
+
+    kind: Literal["centralized", "hierarchical", "gossip"] = "centralized"
+    rounds: int = 10
+    clients_per_round: int | None = None
+    fraction: float | None = None
+    min_clients: int = 1
+    round_timeout_s: float = 30.0
+    join_timeout_s: float = 60.0
+    evaluate: Literal["central", "federated"] = "central"
+    aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
+    edge_rounds: int = 1
+    rehome: Literal["parent", "sibling"] = "parent"
+    mixing: Literal["metropolis", "push_sum"] = "metropolis"
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.kind not in PROTOCOL_KINDS:
+            yield "kind", f"must be one of {', '.join(PROTOCOL_KINDS)}; got {self.kind!r}"
+        if self.rounds < 1:
+            yield "rounds", f"must be at least 1, got {self.rounds}"
+        if self.clients_per_round is not None and self.fraction is not None:
+            yield "fraction", "give clients_per_round or fraction, not both"
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            yield "clients_per_round", f"must be at least 1, got {self.clients_per_round}"
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            yield "fraction", f"must be in (0, 1], got {self.fraction}"
+        if self.min_clients < 1:
+            yield "min_clients", f"must be at least 1, got {self.min_clients}"
+        for name, value in (
+            ("round_timeout_s", self.round_timeout_s),
+            ("join_timeout_s", self.join_timeout_s),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                yield name, f"must be a positive number, got {value}"
+        if self.evaluate not in EVALUATE_MODES:
+            yield "evaluate", f"must be one of {', '.join(EVALUATE_MODES)}; got {self.evaluate!r}"
+        if self.edge_rounds < 1:
+            yield "edge_rounds", f"must be at least 1, got {self.edge_rounds}"
+        if self.rehome not in REHOME_MODES:
+            yield "rehome", f"must be one of {', '.join(REHOME_MODES)}; got {self.rehome!r}"
+        if self.mixing not in MIXINGS:
+            yield "mixing", f"must be one of {', '.join(MIXINGS)}; got {self.mixing!r}"
+        yield from self._kind_problems()
+
+    def _kind_problems(self) -> Iterator[tuple[str, str]]:
+        if self.kind != "hierarchical":
+            if self.edge_rounds != 1:
+                yield "edge_rounds", "applies only to protocol kind 'hierarchical'"
+            if self.rehome != "parent":
+                yield "rehome", "applies only to protocol kind 'hierarchical'"
+        if self.kind != "gossip" and self.mixing != "metropolis":
+            yield "mixing", "applies only to protocol kind 'gossip'"
+        if self.kind == "hierarchical" and self.clients_per_round is not None:
+            yield "clients_per_round", "not used by 'hierarchical': each edge selects a fraction"
+        if self.kind == "gossip":
+            for name in ("clients_per_round", "fraction"):
+                if getattr(self, name) is not None:
+                    yield name, "not used by 'gossip': every peer trains every round"
+            if self.min_clients != 1:
+                yield "min_clients", "not used by 'gossip'"
+
+    def selected_per_round(self, available: int) -> int:
+        """How many of ``available`` clients a round selects.
+
+        ``clients_per_round`` (capped at ``available``), else
+        ``max(1, floor(fraction * available))`` as in McMahan et al.,
+        else all of them.
+        """
+        if self.clients_per_round is not None:
+            return min(self.clients_per_round, available)
+        if self.fraction is not None:
+            # The epsilon keeps 0.29 * 100 at 29, not 28.999...
+            return max(1, min(available, math.floor(self.fraction * available + 1e-9)))
+        return available
