@@ -1,0 +1,88 @@
+"""FedAvg, server and client: one import for runtimes and tests.
+
+The machines live in `fedbus.protocols.fedavg_server` and
+`fedbus.protocols.fedavg_client` (each opens with its states, transitions and
+invariants); events, commands and `FedAvgConfig` in `fedbus.protocols.fedavg_types`.
+"""
+
+from __future__ import annotations
+
+from fedbus.protocols.fedavg_client import CLIENT_TRANSITIONS, ClientState, FedAvgClient
+from fedbus.protocols.fedavg_server import TRANSITIONS, FedAvgServer, ServerState
+from fedbus.protocols.fedavg_types import (
+    EVALUATE_KEY,
+    TASK_EVALUATE,
+    TASK_KEY,
+    TASK_TRAIN,
+    BroadcastModel,
+    CancelTraining,
+    Evaluate,
+    EvaluationClosed,
+    EvaluationDone,
+    FedAvgConfig,
+    Finish,
+    ManifestReceived,
+    ModelReceived,
+    NodeJoined,
+    NodeLeft,
+    PublishManifest,
+    Reject,
+    RejectReason,
+    RoundClosed,
+    RoundFailed,
+    ScalarMap,
+    SenderMismatched,
+    SendFailure,
+    SendUpdate,
+    ServerCheckpoint,
+    Started,
+    Stop,
+    Tick,
+    Train,
+    TrainingDone,
+    TrainingFailed,
+    UpdateFailed,
+    UpdateReceived,
+)
+
+__all__ = [
+    "CLIENT_TRANSITIONS",
+    "EVALUATE_KEY",
+    "TASK_EVALUATE",
+    "TASK_KEY",
+    "TASK_TRAIN",
+    "TRANSITIONS",
+    "BroadcastModel",
+    "CancelTraining",
+    "ClientState",
+    "Evaluate",
+    "EvaluationClosed",
+    "EvaluationDone",
+    "FedAvgClient",
+    "FedAvgConfig",
+    "FedAvgServer",
+    "Finish",
+    "ManifestReceived",
+    "ModelReceived",
+    "NodeJoined",
+    "NodeLeft",
+    "PublishManifest",
+    "Reject",
+    "RejectReason",
+    "RoundClosed",
+    "RoundFailed",
+    "ScalarMap",
+    "SendFailure",
+    "SendUpdate",
+    "SenderMismatched",
+    "ServerCheckpoint",
+    "ServerState",
+    "Started",
+    "Stop",
+    "Tick",
+    "Train",
+    "TrainingDone",
+    "TrainingFailed",
+    "UpdateFailed",
+    "UpdateReceived",
+]
