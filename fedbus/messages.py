@@ -35,10 +35,12 @@ __all__ = [
     "Heartbeat",
     "Join",
     "Leave",
+    "Manifest",
     "Message",
     "ModelBroadcast",
     "ModelUpdate",
     "Tensor",
+    "UpdateFailure",
     "new_message_id",
     "tensors_from_arrays",
     "tensors_to_arrays",
@@ -191,6 +193,7 @@ def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> dict[str, npt.NDArray[An
 
 
 Tensors = Annotated[dict[Name, Tensor], msgspec.Meta(max_length=65536)]
+IdList = Annotated[list[Id], msgspec.Meta(max_length=1_000_000)]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -240,6 +243,9 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
 class ModelBroadcast(Message, frozen=True, kw_only=True, tag="model"):
     """The (global) model sent down to nodes, with the round's training config.
 
+    ``selected`` lists the nodes asked to answer this broadcast (train, or
+    evaluate when ``config["task"] == "evaluate"``); the model is published
+    once for all subscribers, and a node not listed only keeps it.
     ``encoding`` names how ``weights`` are to be read ("dense": the tensors are
     the model itself), leaving room for compressed or masked encodings.
     """
@@ -248,6 +254,7 @@ class ModelBroadcast(Message, frozen=True, kw_only=True, tag="model"):
     weights: Tensors
     encoding: Name = "dense"
     config: SmallMap = msgspec.field(default_factory=dict)
+    selected: IdList = msgspec.field(default_factory=list)
 
 
 class ModelUpdate(Message, frozen=True, kw_only=True, tag="update"):
@@ -264,6 +271,34 @@ class ModelUpdate(Message, frozen=True, kw_only=True, tag="update"):
     encoding: Name = "dense"
     reply_to: Annotated[str, msgspec.Meta(max_length=128)] = ""
     metrics: SmallMap = msgspec.field(default_factory=dict)
+
+
+class UpdateFailure(Message, frozen=True, kw_only=True, tag="update_failed"):
+    """A node could not produce its update for a round (failures are data, as in Flower).
+
+    The aggregating node counts it and stops waiting for that node this round.
+    """
+
+    KIND: ClassVar[str] = "update_failed"
+    reason: Name = ""
+    reply_to: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+
+class Manifest(Message, frozen=True, kw_only=True, tag="manifest"):
+    """Where a run stands, published retained so late joiners catch up.
+
+    The envelope's ``round`` is the round in progress; ``model_id`` is the id
+    of its model broadcast; ``state`` is the aggregator's state name (e.g.
+    "waiting_for_nodes", "collecting", "finished").
+    """
+
+    KIND: ClassVar[str] = "manifest"
+    state: Name
+    attempt: Annotated[int, msgspec.Meta(ge=0)] = 0
+    completed_round: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rounds: Annotated[int, msgspec.Meta(ge=0)] = 0
+    model_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    selected: IdList = msgspec.field(default_factory=list)
 
 
 class Ack(Message, frozen=True, kw_only=True, tag="ack"):
@@ -313,6 +348,16 @@ class Credit(Message, frozen=True, kw_only=True, tag="credit"):
 
 
 AnyMessage = (
-    Join | Leave | Heartbeat | ModelBroadcast | ModelUpdate | Ack | Chunk | ChunkRequest | Credit
+    Join
+    | Leave
+    | Heartbeat
+    | ModelBroadcast
+    | ModelUpdate
+    | UpdateFailure
+    | Manifest
+    | Ack
+    | Chunk
+    | ChunkRequest
+    | Credit
 )
 """Every message kind of format version 1."""

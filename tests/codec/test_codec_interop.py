@@ -44,6 +44,18 @@ HAND_BUILT: list[dict[str, Any]] = [
         "weights": {"w": _tensor(np.arange(6, dtype=np.float32).reshape(2, 3))},
         "encoding": "dense",
         "config": {"lr": 0.5},
+        "selected": ["c-1", "c-2"],
+    },
+    {"kind": "update_failed", **ENV, "reason": "oom", "reply_to": "m-0"},
+    {
+        "kind": "manifest",
+        **ENV,
+        "state": "collecting",
+        "attempt": 1,
+        "completed_round": 1,
+        "rounds": 5,
+        "model_id": "m-0",
+        "selected": ["c-1"],
     },
     {
         "kind": "update",

@@ -41,10 +41,12 @@ from fedbus.messages import (
     Heartbeat,
     Join,
     Leave,
+    Manifest,
     Message,
     ModelBroadcast,
     ModelUpdate,
     Tensor,
+    UpdateFailure,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -157,6 +159,7 @@ def build_vectors() -> list[Vector]:
                     "dense.bias": _t([0.0, 1.0, -2.0], "float32"),
                 },
                 config={"epochs": 1, "lr": 0.05, "batch_size": 16},
+                selected=[CLIENT, "client-1"],
             ),
         ),
         Vector(
@@ -189,6 +192,34 @@ def build_vectors() -> list[Vector]:
                 ref="00000000000000c1",
                 status="rejected",
                 detail="stale round",
+            ),
+        ),
+        Vector(
+            "update_failed.msgpack",
+            "a client reports that it could not train this round",
+            UpdateFailure(
+                run=RUN,
+                round=1,
+                sender=CLIENT,
+                id="0000000000000d01",
+                reason="out of memory",
+                reply_to="0000000000000b01",
+            ),
+        ),
+        Vector(
+            "manifest.msgpack",
+            "the retained manifest: round 2 is collecting updates from two clients",
+            Manifest(
+                run=RUN,
+                round=2,
+                sender=SERVER,
+                id="0000000000000901",
+                state="collecting",
+                attempt=0,
+                completed_round=1,
+                rounds=30,
+                model_id="0000000000000b02",
+                selected=[CLIENT, "client-1"],
             ),
         ),
         whole,
