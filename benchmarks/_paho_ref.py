@@ -80,6 +80,7 @@ def fan_out_in(
         ctx.Process(
             target=_fan_worker,
             args=(host, port, ids[p::procs], payload_bytes, ready, control, results),
+            daemon=True,  # never outlive the benchmark
         )
         for p in range(procs)
     ]
@@ -102,7 +103,7 @@ def fan_out_in(
         server.subscribe(f"{UPDATE_TOPIC}/+", qos=1)
         if not subscribed.wait(20):
             raise TimeoutError("server subscribe")
-        n = sum(ready.get(timeout=120) for _ in workers)
+        n = sum(ready.get(timeout=120) for _ in workers)  # raises queue.Empty past the deadline
         assert n == clients
         model = os.urandom(payload_bytes)
         t0 = time.monotonic()
@@ -141,9 +142,11 @@ def _sink(host: str, port: int, total: int, ready: Any, results: Any) -> None:
     c.on_subscribe = lambda *_a, **_k: subscribed.set()
     _connect(c, host, port)
     c.subscribe("bench/stream", qos=1)
-    subscribed.wait(20)
+    if not subscribed.wait(20):
+        raise TimeoutError("sink subscribe not acknowledged")
     ready.put(True)
-    done.wait(300)
+    if not done.wait(300):
+        raise TimeoutError(f"sink got only {received[0]} of {total} bytes")
     c.disconnect()
     c.loop_stop()
 
@@ -155,7 +158,7 @@ def stream(host: str, port: int, *, total_bytes: int, chunk_bytes: int) -> float
     """
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
-    sink = ctx.Process(target=_sink, args=(host, port, total_bytes, ready, results))
+    sink = ctx.Process(target=_sink, args=(host, port, total_bytes, ready, results), daemon=True)
     sink.start()
     try:
         ready.get(timeout=60)

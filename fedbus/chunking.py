@@ -202,8 +202,9 @@ class _Assembly:
     have: bytearray
     last_progress: float
     last_request: float
+    hasher: hashlib._Hash  # SHA-256 of the contiguous prefix, fed as it grows
     received: int = 0
-    contiguous: int = 0  # every index below this is held
+    contiguous: int = 0  # every index below this is held (and hashed)
     requests: int = 0
 
 
@@ -305,6 +306,7 @@ class Reassembler:
                 have=bytearray(chunk.count),
                 last_progress=now,
                 last_request=now,
+                hasher=hashlib.sha256(),
             )
             self._live[key] = asm
             self.bytes_reserved += chunk.size + chunk.count
@@ -322,12 +324,19 @@ class Reassembler:
         asm.received += 1
         asm.last_progress = now
         asm.requests = 0
-        while asm.contiguous < asm.count and asm.have[asm.contiguous]:
-            asm.contiguous += 1
+        if i == asm.contiguous:
+            # Hash the prefix as it grows: chunks mostly arrive in order, so the
+            # SHA-256 (about 2 ms per 4 MB) runs while the next chunks are on the
+            # wire instead of all at once after the last one.
+            end = i + 1
+            while end < asm.count and asm.have[end]:
+                end += 1
+            asm.hasher.update(memoryview(asm.buf)[start : min(end * asm.chunk_len, asm.size)])
+            asm.contiguous = end
         if asm.received < asm.count:
             return Fed(Status.ACCEPTED, key)
         self._finish(key)
-        if hashlib.sha256(asm.buf).digest() != asm.digest:
+        if asm.hasher.digest() != asm.digest:
             return Fed(Status.DIGEST_MISMATCH, key)
         return Fed(Status.COMPLETED, key, memoryview(asm.buf).toreadonly())
 

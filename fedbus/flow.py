@@ -68,7 +68,10 @@ class TransferLimits:
         max_pending_transfers: directed transfers waiting for a slot (their
             first chunk is kept); beyond this, first chunks are dropped.
         window: chunks a directed transfer may have beyond the receiver's
-            contiguous progress.
+            contiguous progress; also the most chunks of one transfer (directed
+            or broadcast) awaiting their PUBACK at once. 16 (16 MB at the
+            default packet size) keeps a stream going while a credit crosses
+            the broker: 8 measured 20-30 % slower for a 40 MB transfer.
         transfer_timeout_s: a reassembly with no progress for this long is freed.
         request_gap_s: idle time before missing chunks are asked for again;
             also how often a sender without any credit re-sends chunk 0.
@@ -87,7 +90,7 @@ class TransferLimits:
     max_transfers: int = 256
     max_concurrent_transfers: int = 8
     max_pending_transfers: int = 4096
-    window: int = 8
+    window: int = 16
     transfer_timeout_s: float = 60.0
     request_gap_s: float = 1.0
     max_requests: int = 5

@@ -14,6 +14,9 @@ needs it (see ../shared/notes/mqtt-measurements.md section 8):
   is what fedbus's chunking bounds; an oversize packet disconnects the client
   (and MQTT 5 clients learn the limit in CONNACK) instead of the silent
   discard of ``message_size_limit`` under 3.1.1.
+* ``set_tcp_nodelay true``: with Nagle's algorithm on, mosquitto holds a small
+  packet (a flow-control credit, a PUBACK) until the peer acknowledges the
+  previous one, about 40 ms per stall; chunked transfers pay it every window.
 * ``user`` names the current user: run as root, mosquitto otherwise drops to
   the ``mosquitto`` user and cannot read the root-only files we generate.
 """
@@ -126,6 +129,7 @@ def render_mosquitto_conf(
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         "max_queued_bytes 0",
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
+        "set_tcp_nodelay true",
         f"log_dest file {_conf_value(log_path)}",
         "log_type error",
         "log_type warning",
