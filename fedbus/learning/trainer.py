@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from fedbus.errors import ConfigError
+
 __all__ = ["EvalResult", "FitConfig", "FitResult", "NamedArrays", "Trainer"]
 
 NamedArrays = dict[str, npt.NDArray[Any]]
@@ -39,6 +41,18 @@ class FitConfig:
     lr: float = 0.05
     mu: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked here so a bad ``training:`` value fails at configuration time,
+        # not halfway through a round on some remote node.
+        if self.epochs < 0:
+            raise ConfigError(f"must be >= 0, got {self.epochs}", path="training.epochs")
+        if self.batch_size < 1:
+            raise ConfigError(f"must be >= 1, got {self.batch_size}", path="training.batch_size")
+        if not self.lr > 0:
+            raise ConfigError(f"must be > 0, got {self.lr}", path="training.lr")
+        if not self.mu >= 0:
+            raise ConfigError(f"must be >= 0, got {self.mu}", path="training.mu")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,7 +58,6 @@ Invariants (checked by the hypothesis tests):
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -104,6 +103,7 @@ from fedbus.protocols.fedavg_types import (
     UpdateReceived,
 )
 from fedbus.protocols.metrics import federated_metrics, training_metrics
+from fedbus.protocols.selection import select_nodes
 
 __all__ = ["TRANSITIONS", "FedAvgServer", "ServerState"]
 
@@ -341,8 +341,7 @@ class FedAvgServer:
             k = max(cfg.min_clients, math.ceil(round(cfg.fraction * len(live), 9)))
         else:
             k = len(live)
-        rng = random.Random(f"fedbus.select:{cfg.seed}:{self._round}:{self._attempt}")
-        return frozenset(rng.sample(live, min(k, len(live))))
+        return select_nodes(cfg.seed, self._round, self._attempt, live, k)
 
     def _begin_attempt(self) -> list[Command]:
         live = sorted(self._live)
