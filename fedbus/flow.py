@@ -210,6 +210,10 @@ class CreditGate(Generic[T]):
         """Whether ``key`` waits in the FIFO."""
         return key in self._queued
 
+    def queued(self) -> list[TransferKey]:
+        """Transfers waiting in the FIFO, oldest first."""
+        return list(self._queued)
+
     def offer(self, key: TransferKey, count: int, held: T) -> Admission:
         """A first chunk of an unknown directed transfer arrived."""
         if key in self._active or key in self._queued:

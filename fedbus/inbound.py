@@ -11,8 +11,9 @@ I/O layer (`fedbus.transport.messenger.Messenger`) to carry out:
 
 Checks, in order; a failed one drops the message and counts the reason in
 ``stats.dropped`` (see `DROP_REASONS`), never raising: topic parses and is
-ours, run, size, decode, envelope run, envelope sender == topic sender level,
-message id not seen recently.
+ours, run, size, decode, envelope run (unless ``strict_run`` is off), envelope
+sender == topic sender level, message id not seen recently. An empty payload
+(a retained message being cleared) is ignored without counting.
 
 Chunks: a directed transfer's first chunk asks `fedbus.flow.CreditGate` for a
 slot (ACTIVE: reassemble and grant credit; QUEUED: keep the chunk, tell the
@@ -146,6 +147,10 @@ class Inbound:
         decode_limits: bounds for decoding one message.
         max_payload_bytes: the transport's packet limit (sizes ChunkRequests).
         stats: counters to update (shared with the sending side).
+        strict_run: drop messages whose envelope run differs from ``run``.
+            False makes ``run`` only the topic namespace: the envelope run is
+            then the protocol machines' business (they learn it, and count
+            foreign runs with a reason of their own).
     """
 
     def __init__(
@@ -158,8 +163,10 @@ class Inbound:
         decode_limits: DecodeLimits,
         max_payload_bytes: int,
         stats: MessengerStats,
+        strict_run: bool = True,
     ) -> None:
         self.node_id, self.run, self.prefix = node_id, run, prefix
+        self.strict_run = strict_run
         self.stats = stats
         self._decode_limits = decode_limits
         self._reasm = Reassembler(
@@ -178,6 +185,11 @@ class Inbound:
         self._recent = RecentIds(limits.dedupe_size)
         self._origin: dict[TransferKey, Topic] = {}
         self._admitted: list[tuple[TransferKey, tuple[Topic, Chunk]]] = []
+        # When each queued transfer was last told to hold: the hold is repeated
+        # every request_gap_s, because a sender counts its credit deadline from
+        # the last credit it saw and would otherwise give up while it waits.
+        self._held_at: dict[TransferKey, float] = {}
+        self._hold_every_s = limits.request_gap_s
         # Indices of one ChunkRequest must fit a packet (at most 5 bytes each).
         self._request_limit = max(1, min(65536, (max_payload_bytes - 1024) // 5))
 
@@ -194,6 +206,8 @@ class Inbound:
             self._drop("not_fedbus_topic")
         elif topic.run != self.run:
             self._drop("foreign_run")
+        elif not received.payload:
+            pass  # a retained message being cleared: nothing to deliver, nothing wrong
         elif len(received.payload) > self._decode_limits.max_bytes:
             self._drop("oversize")
         else:
@@ -227,6 +241,10 @@ class Inbound:
                     missing=missing,
                 )
                 out.append(Publish(self._reply_topic(key[0]), request))
+        for key in self._gate.queued():
+            if now - self._held_at.get(key, now) >= self._hold_every_s:
+                self._held_at[key] = now
+                out.append(self._credit(key, 1))
         self._admit(now, out)
         return out
 
@@ -250,7 +268,7 @@ class Inbound:
     def _on_message(
         self, topic: Topic, message: AnyMessage, now: float, out: list[Command]
     ) -> None:
-        if message.run != self.run:
+        if self.strict_run and message.run != self.run:
             return self._drop("foreign_run")
         if message.sender != topic.sender:
             return self._drop("sender_mismatch")
@@ -280,6 +298,7 @@ class Inbound:
             if admission is Admission.ACTIVE:
                 self._after_feed(self._reasm.feed(chunk, sender=key[0], now=now), topic, now, out)
             elif admission is Admission.QUEUED:
+                self._held_at[key] = now
                 out.append(self._credit(key, 1))  # "held": the sender stops probing
             elif admission is Admission.KNOWN:
                 self.stats.duplicate_chunks += 1
@@ -320,6 +339,7 @@ class Inbound:
 
     def _finish(self, key: TransferKey) -> Topic | None:
         self._admitted.extend(self._gate.finish(key))
+        self._held_at.pop(key, None)
         return self._origin.pop(key, None)
 
     def _admit(self, now: float, out: list[Command]) -> None:
@@ -327,6 +347,7 @@ class Inbound:
         # chunk sends their first credit (and may finish them, admitting more).
         while self._admitted:
             key, (topic, chunk) = self._admitted.pop(0)
+            self._held_at.pop(key, None)
             self._after_feed(self._reasm.feed(chunk, sender=key[0], now=now), topic, now, out)
 
     def _credit(self, key: TransferKey, upto: int) -> Publish:
