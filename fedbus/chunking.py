@@ -23,7 +23,13 @@ Invariants:
 - Chunks may arrive in any order and any number of times; a chunk already
   held, or of a finished transfer (bounded memory of finished keys), is a
   DUPLICATE and changes nothing.
-- A completed payload is returned only after its SHA-256 equals ``digest``.
+- A completed payload is returned only after every chunk passed its CRC-32
+  and the SHA-256 of the transfer's chunk table (`transfer_digest`: size and
+  every chunk's CRC) equals ``digest``. Hashing the table rather than the
+  payload keeps integrity at CRC-32 strength per chunk (TCP and the CRC
+  already catch accidental damage; neither hash is a MAC) while saving a full
+  SHA-256 pass over every payload on both sides, the largest CPU cost of a
+  transfer in profiles (1.8 GB/s against CRC-32's 4.6 GB/s here).
 - `poll` frees transfers idle for ``timeout_s`` (EXPIRED) and names those idle
   for ``request_gap_s`` as stalled, at most ``max_requests`` times per stall,
   so the caller can ask for the missing chunks again.
@@ -53,6 +59,7 @@ __all__ = [
     "chunk_overhead",
     "max_chunk_data",
     "split",
+    "transfer_digest",
 ]
 
 SAFETY_MARGIN_BYTES: Final = 64
@@ -123,12 +130,17 @@ class OutgoingTransfer:
     round: int = 0
     digest: bytes = field(init=False)
     count: int = field(init=False)
+    crcs: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.chunk_data < 1:
             raise ValueError("chunk_data must be positive")
-        self.digest = hashlib.sha256(self.payload).digest()
         self.count = max(1, -(-len(self.payload) // self.chunk_data))
+        view = memoryview(self.payload)
+        step = self.chunk_data
+        # One CRC pass up front: every chunk carries the digest of the table.
+        self.crcs = [zlib.crc32(view[i * step : (i + 1) * step]) for i in range(self.count)]
+        self.digest = transfer_digest(len(self.payload), self.crcs)
 
     def chunk(self, index: int) -> Chunk:
         """Chunk ``index`` with a fresh message id (a resend is a new message)."""
@@ -145,13 +157,22 @@ class OutgoingTransfer:
             count=self.count,
             size=len(self.payload),
             digest=self.digest,
-            crc=zlib.crc32(data),
+            crc=self.crcs[index],
             data=data,
         )
 
     def chunks(self) -> Iterator[Chunk]:
         """All chunks in order, built lazily."""
         return (self.chunk(i) for i in range(self.count))
+
+
+def transfer_digest(size: int, crcs: list[int]) -> bytes:
+    """SHA-256 of a transfer's chunk table: ``size`` (8 bytes) then each CRC-32 (4 bytes).
+
+    All big-endian, CRCs in index order. Every chunk of the transfer carries it.
+    """
+    table = size.to_bytes(8, "big") + b"".join(c.to_bytes(4, "big") for c in crcs)
+    return hashlib.sha256(table).digest()
 
 
 def split(
@@ -172,7 +193,7 @@ class Status(enum.Enum):
     CORRUPT = "corrupt"  # CRC mismatch or inconsistent with the transfer's geometry
     OVERSIZE = "oversize"  # size above max_message_bytes
     REFUSED = "refused"  # max_transfers or max_bytes would be exceeded
-    DIGEST_MISMATCH = "digest_mismatch"  # all chunks arrived but the SHA-256 differs
+    DIGEST_MISMATCH = "digest_mismatch"  # all chunks arrived but the chunk-table digest differs
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +223,9 @@ class _Assembly:
     have: bytearray
     last_progress: float
     last_request: float
-    hasher: hashlib._Hash  # SHA-256 of the contiguous prefix, fed as it grows
+    crcs: list[int]  # CRC-32 of each chunk held (checked on arrival)
     received: int = 0
-    contiguous: int = 0  # every index below this is held (and hashed)
+    contiguous: int = 0  # every index below this is held
     requests: int = 0
 
 
@@ -306,7 +327,7 @@ class Reassembler:
                 have=bytearray(chunk.count),
                 last_progress=now,
                 last_request=now,
-                hasher=hashlib.sha256(),
+                crcs=[0] * chunk.count,
             )
             self._live[key] = asm
             self.bytes_reserved += chunk.size + chunk.count
@@ -321,22 +342,19 @@ class Reassembler:
             return Fed(Status.DUPLICATE, key)
         asm.buf[start : start + expected] = data
         asm.have[i] = 1
+        asm.crcs[i] = chunk.crc
         asm.received += 1
         asm.last_progress = now
         asm.requests = 0
         if i == asm.contiguous:
-            # Hash the prefix as it grows: chunks mostly arrive in order, so the
-            # SHA-256 (about 2 ms per 4 MB) runs while the next chunks are on the
-            # wire instead of all at once after the last one.
             end = i + 1
             while end < asm.count and asm.have[end]:
                 end += 1
-            asm.hasher.update(memoryview(asm.buf)[start : min(end * asm.chunk_len, asm.size)])
             asm.contiguous = end
         if asm.received < asm.count:
             return Fed(Status.ACCEPTED, key)
         self._finish(key)
-        if asm.hasher.digest() != asm.digest:
+        if transfer_digest(asm.size, asm.crcs) != asm.digest:
             return Fed(Status.DIGEST_MISMATCH, key)
         return Fed(Status.COMPLETED, key, memoryview(asm.buf).toreadonly())
 

@@ -63,7 +63,7 @@ DROP_REASONS: Final = (
     "sender_mismatch",  # envelope sender != topic sender level
     "duplicate",  # message id seen recently
     "corrupt_chunk",  # CRC or geometry of a chunk is wrong
-    "corrupt_transfer",  # all chunks arrived but the SHA-256 differs
+    "corrupt_transfer",  # all chunks arrived but the chunk-table digest differs
     "transfer_expired",  # reassembly made no progress for transfer_timeout_s
     "transfer_refused",  # reassembly budget or flow-control queue full
     "oversize",  # above max_message_bytes / decode limits

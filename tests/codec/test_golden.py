@@ -169,10 +169,16 @@ def test_chunks_reassemble_to_the_payload() -> None:
     chunks = [codec.decode(_file(by_file[f"chunk_{i}.msgpack"])) for i in range(2)]
     assert all(isinstance(c, Chunk) for c in chunks)
     parts = []
+    # The digest covers the chunk table (docs/wire-format.md section 8), computed
+    # here from the spec alone: size (8 bytes) then each CRC-32 (4 bytes), big-endian.
+    table = len(whole).to_bytes(8, "big")
+    for chunk in chunks:
+        assert isinstance(chunk, Chunk)
+        table += chunk.crc.to_bytes(4, "big")
     for i, chunk in enumerate(chunks):
         assert isinstance(chunk, Chunk)
         assert (chunk.index, chunk.count, chunk.size) == (i, 2, len(whole))
-        assert chunk.digest == hashlib.sha256(whole).digest()
+        assert chunk.digest == hashlib.sha256(table).digest()
         assert chunk.crc == zlib.crc32(chunk.data)
         parts.append(bytes(chunk.data))
     assert b"".join(parts) == whole

@@ -81,7 +81,11 @@ def _chunk_pair() -> tuple[Vector, Vector, Vector]:
     payload = codec.encode(inner)
     half = (len(payload) + 1) // 2
     pieces = [payload[:half], payload[half:]]
-    digest = hashlib.sha256(payload).digest()
+    # SHA-256 of the chunk table: size (8 bytes) then each chunk's CRC-32 (4 bytes), big-endian.
+    table = len(payload).to_bytes(8, "big") + b"".join(
+        zlib.crc32(p).to_bytes(4, "big") for p in pieces
+    )
+    digest = hashlib.sha256(table).digest()
     chunks = tuple(
         Vector(
             file=f"chunk_{i}.msgpack",

@@ -177,7 +177,8 @@ async def test_mosquitto_sub_and_msgpack_python_read_a_broadcast(
         assert c["crc"] == zlib.crc32(c["data"])
     payload = b"".join(c["data"] for c in chunks)
     assert len(payload) == chunks[0]["size"]
-    assert hashlib.sha256(payload).digest() == chunks[0]["digest"]
+    table = len(payload).to_bytes(8, "big") + b"".join(c["crc"].to_bytes(4, "big") for c in chunks)
+    assert hashlib.sha256(table).digest() == chunks[0]["digest"]
     inner = msgpack.unpackb(payload)
     assert (inner["kind"], inner["id"]) == ("model", big.id)
     assert inner["weights"]["w"]["data"] == big_w.astype("<f4").tobytes()
