@@ -143,7 +143,7 @@ def test_make_aggregator_accepts_names_kinds_factories_and_instances() -> None:
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("krum-ish", "unknown aggregator 'krum-ish'; known: fedavg"),
+        ("krum-ish", "unknown aggregator 'krum-ish'; known: bulyan, fedadagrad"),
         (3, "expected a name or a mapping"),
         ({}, "exactly one of kind or factory"),
         ({"kind": "fedavg", "factory": "a:b"}, "exactly one"),

@@ -19,15 +19,56 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from fedbus.aggregation.base import Aggregator
+from fedbus.aggregation.clipping import NormClipping
+from fedbus.aggregation.fednova import FedNova, QFedAvg
+from fedbus.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedbus.aggregation.krum import Bulyan, Krum, MultiKrum
 from fedbus.aggregation.mean import FedAvg
+from fedbus.aggregation.robust import CoordinateMedian, GeometricMedian, TrimmedMean
 from fedbus.errors import ConfigError
 
 __all__ = ["AGGREGATORS", "make_aggregator", "register_aggregator"]
 
 _PATH = "protocol.aggregator"
 
-AGGREGATORS: dict[str, Callable[..., Aggregator]] = {"fedavg": FedAvg}
-"""Name -> constructor taking the spec's parameters as keyword arguments."""
+
+def _with_inner(cls: Callable[..., Aggregator]) -> Callable[..., Aggregator]:
+    """Wrap a constructor whose ``inner`` parameter may be given as a spec (a name, a mapping)."""
+
+    def build(*, inner: Any = None, **params: Any) -> Aggregator:
+        if inner is not None:
+            try:
+                inner = make_aggregator(inner)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, path=f"{_PATH}.inner") from exc
+        return cls(inner=inner, **params)
+
+    build.__doc__ = cls.__doc__
+    return build
+
+
+AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
+    "bulyan": Bulyan,
+    "fedadagrad": _with_inner(FedAdagrad),
+    "fedadam": _with_inner(FedAdam),
+    "fedavg": FedAvg,
+    "fedavgm": _with_inner(FedAvgM),
+    "fednova": FedNova,
+    "fedyogi": _with_inner(FedYogi),
+    "geometric_median": GeometricMedian,
+    "krum": Krum,
+    "median": CoordinateMedian,
+    "multi_krum": MultiKrum,
+    "norm_clipping": _with_inner(NormClipping),
+    "qfedavg": QFedAvg,
+    "trimmed_mean": TrimmedMean,
+}
+"""Name -> constructor taking the spec's parameters as keyword arguments.
+
+``rfa`` is an alias of ``geometric_median``; ``inner`` of the server optimizers
+and of ``norm_clipping`` takes any aggregator spec.
+"""
+AGGREGATORS["rfa"] = GeometricMedian
 
 F = TypeVar("F", bound=Callable[..., Aggregator])
 
