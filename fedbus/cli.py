@@ -115,10 +115,56 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedbus run``: a whole federation in this process (DESIGN.md section 3)."""
+    parser = sub.add_parser(
+        "run",
+        help="run a federation: broker, server and every non-external node, with results",
+        description="Start the embedded broker (unless the topology or --broker names one), "
+        "start every node not marked external, show progress, and write metrics.jsonl, "
+        "summary.json, model.msgpack and a plot to DIR (docs/running.md). Exit 0 on success, "
+        "1 when the run fails, 2 for an invalid topology, 130 when interrupted.",
+    )
+    # Lazy: the launcher pulls data, trainers and transports, which --help need not load.
+    from fedbus.launch.command import add_run_arguments
+
+    add_run_arguments(parser)
+    parser.set_defaults(handler=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from fedbus.launch.command import run_command
+
+    return run_command(args)
+
+
+def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedbus node``: one node of a topology as a long-lived agent (DESIGN.md section 3)."""
+    parser = sub.add_parser(
+        "node",
+        help="run one node of a topology as an agent (another process or host)",
+        description="Run node NODE_ID of TOPOLOGY.yaml against a broker: a client learns the "
+        "run from the server's retained manifest, joins, trains when selected and exits 0 when "
+        "the run finishes; a server writes its results to --out (docs/running.md).",
+    )
+    from fedbus.launch.command import add_node_arguments
+
+    add_node_arguments(parser)
+    parser.set_defaults(handler=_run_node)
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from fedbus.launch.agent import node_command
+
+    return node_command(args)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_broker,
     _add_demo,
     _add_validate,
+    _add_run,
+    _add_node,
 ]
 
 

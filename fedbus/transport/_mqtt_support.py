@@ -45,6 +45,9 @@ class MqttStats:
         received: messages the broker delivered, including dropped ones.
         dropped: received messages discarded: inbox full, or still queued at `aclose`.
         reconnects: connections re-established after a loss.
+        bytes_out: payload bytes of the publishes the broker accepted (the
+            encoded messages, as `MemoryTransport` counts them).
+        bytes_in: payload bytes of the messages the broker delivered.
     """
 
     published: int = 0
@@ -52,6 +55,8 @@ class MqttStats:
     received: int = 0
     dropped: int = 0
     reconnects: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
 
 
 class Inbox:

@@ -126,6 +126,10 @@ class Messenger:
         node_id: this node's id.
         run: the run id; messages of other runs are dropped.
         prefix: topic prefix.
+        strict_run: True (default) drops messages whose envelope run is not
+            ``run``. False keeps ``run`` as the topic namespace only and
+            delivers every envelope run, for nodes that learn the run id from
+            a manifest (the protocol machines then reject foreign runs).
         limits: chunking and flow-control bounds.
         decode_limits: bounds for decoding one message.
         clock: monotonic seconds; injectable for tests.
@@ -144,6 +148,7 @@ class Messenger:
         limits: TransferLimits | None = None,
         decode_limits: DecodeLimits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.monotonic,
+        strict_run: bool = True,
     ) -> None:
         if transport.client_id != node_id:
             raise ConfigError(f"node id {node_id!r} must equal the MQTT client id")
@@ -163,6 +168,7 @@ class Messenger:
             decode_limits=decode_limits,
             max_payload_bytes=transport.max_payload_bytes,
             stats=self.stats,
+            strict_run=strict_run,
         )
         self._cache = ResendCache(
             max_bytes=lim.resend_cache_bytes, max_age_s=lim.resend_cache_age_s
@@ -261,17 +267,33 @@ class Messenger:
             del self._outbound[transfer.xfer]
         self.stats.sent += 1
 
-    async def broadcast(self, message: Message, channel: str) -> None:
+    async def broadcast(self, message: Message, channel: str, *, retain: bool = False) -> None:
         """Publish ``message`` on this node's ``channel`` for every subscriber.
 
         Large messages are chunked without credits (one sender, many receivers):
         the transport's in-flight window paces them and receivers ask for
         missing chunks again, answered from the resend cache.
+
+        Args:
+            message: what to publish.
+            channel: the channel level of the topic.
+            retain: ask the broker to keep it for later subscribers (a manifest);
+                only for a message that fits one packet.
+
+        Raises:
+            ValueError: ``retain`` with a message that would need chunks (a
+                broker retains one packet; half a transfer would be worse than none).
         """
         topic = topics.broadcast(self.run, self.node_id, channel, prefix=self.prefix)
         payload = codec.encode(message)
-        if publish_packet_size(topic, len(payload)) <= self.transport.max_payload_bytes:
-            await self.transport.publish(topic, payload)
+        fits = publish_packet_size(topic, len(payload)) <= self.transport.max_payload_bytes
+        if retain and not fits:
+            raise ValueError(
+                f"cannot retain a {type(message).__name__} of {len(payload)} bytes on {topic!r}: "
+                "it needs chunks"
+            )
+        if fits:
+            await self.transport.publish(topic, payload, retain=retain)
         else:
             transfer = self._new_transfer(payload, message.round, topic)
             now = self._clock()
@@ -289,6 +311,11 @@ class Messenger:
                 await inflight.cancel()
                 del self._outbound[transfer.xfer]
         self.stats.sent += 1
+
+    async def clear_retained(self, channel: str) -> None:
+        """Remove what this node retained on ``channel`` (an empty retained publish)."""
+        topic = topics.broadcast(self.run, self.node_id, channel, prefix=self.prefix)
+        await self.transport.publish(topic, b"", retain=True)
 
     async def messages(self) -> AsyncIterator[Incoming]:
         """Yield validated messages (control traffic is consumed) until closed.

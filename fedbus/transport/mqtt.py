@@ -269,6 +269,27 @@ class MqttTransport:
         self._link = None
         self._open = False
 
+    async def abort(self) -> None:
+        """Simulate a crash: drop the connection without DISCONNECT, so the will fires.
+
+        The socket is shut down under paho (the broker sees the connection die
+        and publishes the last will), then the transport closes as `aclose`
+        does. For fault injection in simulations and tests; idempotent.
+        """
+        link, task = self._link, self._task
+        if self._open and link is not None:
+            self._closing = True  # no reconnect, and nobody waits for this link again
+            paho_client = getattr(link.client, "_client", None)
+            sock = paho_client.socket() if paho_client is not None else None
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                # Let the supervisor see the loss itself before closing: a DISCONNECT
+                # queued meanwhile would make aiomqtt register a writer on a dead socket.
+                if task is not None:
+                    await asyncio.wait({task}, timeout=_CLOSE_TIMEOUT_S)
+        await self.aclose()
+
     # -- the Transport interface ------------------------------------------------
 
     async def publish(
@@ -308,6 +329,7 @@ class MqttTransport:
                 on_resend=self._count_republish,
             )
         self._stats.published += 1
+        self._stats.bytes_out += len(payload)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         """Subscribe; kept across reconnects (re-sent on every new connection).
@@ -496,6 +518,8 @@ class MqttTransport:
             first = False
             attempt = 0
             await self._serve(link)
+            if self._closing:
+                return  # closed or aborted meanwhile: no reconnect
             outage_since = loop.time()
 
     async def _connect(self) -> _Link:
@@ -655,6 +679,7 @@ class MqttTransport:
             retain=bool(message.retain),
         )
         self._stats.received += 1
+        self._stats.bytes_in += len(received.payload)
         if not self._inbox.put(received):
             self._stats.dropped += 1
             if self._stats.dropped % _DROP_LOG_EVERY == 1:

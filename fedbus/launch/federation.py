@@ -1,0 +1,252 @@
+"""Running a whole centralized federation in this process: broker, server, clients.
+
+`run_federation` is what ``fedbus run`` does once the topology is loaded: it
+opens the bus (`open_bus`: the in-process `MemoryBus`, an embedded
+`ManagedBroker`, or a broker URL), starts the server node and every client
+not marked external, each over its own connection, waits for the server to
+finish, gives the clients a bounded grace period to see the end, and stops
+whatever is left. Everything it starts is stopped on the way out, also on
+failure and on cancellation (Ctrl-C): the nodes run in one TaskGroup inside
+the broker's ``async with``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+
+from fedbus._types import RunId
+from fedbus.aggregation import make_aggregator
+from fedbus.broker import ManagedBroker
+from fedbus.config import BrokerConfig
+from fedbus.errors import ConfigError
+from fedbus.launch.build import (
+    build_data,
+    client_trainer,
+    fault_plan,
+    new_run_id,
+    protocol_config,
+    server_trainer,
+)
+from fedbus.learning.partition import FederationData
+from fedbus.learning.seeds import init_seed
+from fedbus.learning.trainer import Trainer
+from fedbus.nodes import (
+    Checkpoint,
+    ClientNode,
+    ClientOutcome,
+    ClientSettings,
+    ResultsWriter,
+    ServerNode,
+    ServerObserver,
+    ServerOutcome,
+    ServerSettings,
+)
+from fedbus.protocols.fedavg import FedAvgServer, ServerCheckpoint
+from fedbus.topology import NodeRole, Topology
+from fedbus.transport.base import Transport, Will
+from fedbus.transport.memory import MemoryBus, MemoryTransport
+from fedbus.transport.mqtt import MqttTransport
+
+__all__ = ["Bus", "FederationResult", "make_server", "open_bus", "run_federation"]
+
+log = logging.getLogger(__name__)
+
+CLIENT_GRACE_S = 3.0
+"""How long connected clients may take to notice the end of the run before they are
+stopped (they see the final manifest within milliseconds; clients away on churn
+are stopped at once)."""
+
+
+@dataclass(slots=True)
+class Bus:
+    """An open bus: how to connect a node, and what the summary says about it."""
+
+    connect: Callable[[str, Will | None], Transport]
+    kind: str
+    url: str
+    memory: MemoryBus | None = None
+    broker: ManagedBroker | None = None
+
+
+@contextlib.asynccontextmanager
+async def open_bus(topology: Topology) -> AsyncIterator[Bus]:
+    """Open the topology's bus for the duration of the block (an embedded broker is stopped after)."""
+    spec = topology.broker
+    if spec.kind == "memory":
+        bus = MemoryBus(max_queued_messages=100_000)
+
+        def memory(node: str, will: Will | None) -> Transport:
+            return MemoryTransport(bus, node, will=will, max_payload_bytes=spec.max_payload_bytes)
+
+        yield Bus(memory, "memory", "memory", memory=bus)
+        return
+    if spec.kind == "url":
+        config = spec.config
+        assert config is not None  # BrokerSpec guarantees it for kind url
+        yield Bus(_mqtt(config), "url", config.url)
+        return
+    broker = ManagedBroker()
+    async with broker:
+        if broker.notice:
+            log.warning("%s", broker.notice)
+        config = broker.client_config(max_payload_bytes=spec.max_payload_bytes)
+        yield Bus(_mqtt(config), "embedded", broker.url, broker=broker)
+
+
+def _mqtt(config: BrokerConfig) -> Callable[[str, Will | None], Transport]:
+    def connect(node: str, will: Will | None) -> Transport:
+        return MqttTransport(config, node, will=will)
+
+    return connect
+
+
+@dataclass(slots=True)
+class FederationResult:
+    """What a run produced: the server's outcome, each client's, the final model."""
+
+    run_id: str
+    server: ServerOutcome
+    clients: dict[str, ClientOutcome] = field(default_factory=dict)
+    weights: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    out: Path | None = None
+
+
+def make_server(
+    topology: Topology,
+    data: FederationData,
+    transport: Transport,
+    *,
+    run_id: str,
+    out: Path | None,
+    resume: Checkpoint | None = None,
+    observer: ServerObserver | None = None,
+    topology_text: str = "",
+    broker: dict[str, str] | None = None,
+) -> ServerNode:
+    """The server node of ``topology`` (fresh, or continuing ``resume``)."""
+    server_id = topology.nodes.server
+    if server_id is None:
+        raise ConfigError("the topology has no server", path="nodes.server")
+    config = protocol_config(topology)
+    trainer = server_trainer(topology, data)
+    aggregator = make_aggregator(topology.protocol.aggregator.as_dict())
+    expected = len(topology.nodes.clients)
+    if resume is not None:
+        machine = FedAvgServer.from_checkpoint(
+            config,
+            ServerCheckpoint(
+                round=resume.round, weights=resume.weights, aggregator_state=resume.aggregator_state
+            ),
+            run=RunId(run_id), aggregator=aggregator, expected_nodes=expected,
+        )  # fmt: skip
+    else:
+        weights = trainer.initial_weights(init_seed(topology.seed))
+        machine = FedAvgServer(
+            config,
+            run=RunId(run_id),
+            weights=weights,
+            aggregator=aggregator,
+            expected_nodes=expected,
+        )
+    results = None
+    if out is not None:
+        results = ResultsWriter(out, resume_round=resume.round if resume else 0)
+        results.write_topology(topology_text)
+    settings = ServerSettings(
+        node_id=server_id, namespace=topology.name, name=topology.name, seed=topology.seed,
+        broker=broker or {}, topology_text=topology_text, resume=resume, expected_nodes=expected,
+    )  # fmt: skip
+    return ServerNode(
+        machine, transport, settings, evaluator=trainer, results=results, observer=observer
+    )
+
+
+def client_settings(topology: Topology, node_id: str) -> ClientSettings:
+    """A client's discovery settings from the topology."""
+    server = topology.nodes.server
+    assert server is not None
+    return ClientSettings(
+        node_id=node_id, namespace=topology.name, server_id=server, seed=topology.seed,
+        round_hint_s=min(topology.protocol.round_timeout_s, 5.0),
+    )  # fmt: skip
+
+
+async def run_federation(
+    topology: Topology,
+    *,
+    out: Path | None,
+    base_dir: Path = Path(),
+    topology_text: str = "",
+    resume: Checkpoint | None = None,
+    observer: ServerObserver | None = None,
+    trainer_hook: Callable[[str, Trainer], Trainer] | None = None,
+    client_grace_s: float = CLIENT_GRACE_S,
+) -> FederationResult:
+    """Run ``topology`` to its end in this process; see the module docstring.
+
+    Args:
+        topology: a validated centralized topology.
+        out: the results folder (None: write none).
+        base_dir: what relative data paths are relative to (the topology's folder).
+        topology_text: the topology file, copied into the results and checkpoints.
+        resume: continue this checkpoint's run (same run id, next round).
+        observer: progress callbacks of the server.
+        trainer_hook: replaces or wraps each started client's trainer (tests).
+        client_grace_s: how long clients may take to see the end.
+
+    Raises:
+        ConfigError: the data, model or aggregator cannot be built.
+    """
+    data = await asyncio.to_thread(build_data, topology, base_dir)
+    run_id = resume.run if resume is not None else new_run_id(topology.name)
+    clients: dict[str, ClientNode] = {}
+    async with open_bus(topology) as bus:
+        for info in topology.node_infos():
+            if info.role is not NodeRole.CLIENT or info.external:
+                continue
+            trainer = client_trainer(topology, data, info.id)
+            if trainer_hook is not None:
+                trainer = trainer_hook(info.id, trainer)
+            clients[info.id] = ClientNode(
+                trainer,
+                _bound(bus, info.id),
+                client_settings(topology, info.id),
+                faults=fault_plan(topology, info.id),
+            )
+        assert topology.nodes.server is not None
+        server = make_server(
+            topology, data, bus.connect(topology.nodes.server, None),
+            run_id=run_id, out=out, resume=resume, observer=observer,
+            topology_text=topology_text, broker={"kind": bus.kind, "url": bus.url},
+        )  # fmt: skip
+        async with asyncio.TaskGroup() as tg:
+            tasks = {
+                cid: tg.create_task(node.run(), name=f"fedbus[{cid}].node")
+                for cid, node in clients.items()
+            }
+            outcome = await tg.create_task(server.run(), name=f"fedbus[{server.id}].node")
+            waiting = [t for cid, t in tasks.items() if not clients[cid].away]
+            if waiting:
+                await asyncio.wait(waiting, timeout=client_grace_s)
+            for task in tasks.values():
+                task.cancel()
+        results = {
+            cid: t.result() if not t.cancelled() else ClientOutcome(cid, "failed", "stopped")
+            for cid, t in tasks.items()
+        }
+    return FederationResult(run_id, outcome, results, dict(server.machine.weights), out)
+
+
+def _bound(bus: Bus, node_id: str) -> Callable[[Will], Transport]:
+    def connect(will: Will) -> Transport:
+        return bus.connect(node_id, will)
+
+    return connect

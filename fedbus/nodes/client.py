@@ -1,0 +1,397 @@
+"""`ClientNode`: runs a `FedAvgClient` machine over a transport, training in a thread.
+
+Sessions. A client does not know the run id in advance: it subscribes to the
+server's retained ``manifest`` and ``model`` channels in the federation's
+namespace (the topology name) and learns the run id from the manifest. A new
+run id starts a new session: a fresh machine, any training in progress
+abandoned, and a Join sent to the server. Joins are repeated with backoff
+(the server may not have been listening when one went out) until the server
+acknowledges one, or the node is selected in a model or manifest.
+
+Training and evaluation run in a worker thread (``asyncio.to_thread``) in a
+task of their own, so messages keep flowing meanwhile; the result comes back
+to the machine as an event through the driver.
+
+Connections. Each connection carries a last will, an encoded Leave on the
+node's ``leave`` channel, which the broker publishes if the connection dies
+uncleanly; the server then stops waiting for the node. Simulated faults
+(`fedbus.nodes.faults`) use that: a crash aborts the connection for good,
+churn aborts it and reconnects (a new connection, a new will, a new Join)
+some rounds later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fedbus import codec, topics
+from fedbus._types import RunId
+from fedbus.learning.seeds import fit_seed
+from fedbus.learning.trainer import FitConfig, Trainer
+from fedbus.messages import (
+    Ack,
+    Join,
+    Leave,
+    Manifest,
+    ModelBroadcast,
+    ModelUpdate,
+    UpdateFailure,
+    tensors_from_arrays,
+    tensors_to_arrays,
+)
+from fedbus.nodes.driver import Driver
+from fedbus.nodes.faults import FaultPlan
+from fedbus.nodes.server import LEAVE_CHANNEL, MANIFEST_CHANNEL, MODEL_CHANNEL
+from fedbus.protocols.base import Command, Event
+from fedbus.protocols.fedavg import (
+    CancelTraining,
+    Evaluate,
+    EvaluationDone,
+    FedAvgClient,
+    ManifestReceived,
+    ModelReceived,
+    SendFailure,
+    SendUpdate,
+    Stop,
+    Train,
+    TrainingDone,
+    TrainingFailed,
+)
+from fedbus.transport.base import Transport, Will
+from fedbus.transport.messenger import Messenger
+
+__all__ = ["ClientNode", "ClientOutcome", "ClientSettings", "Connect"]
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[Will], Transport]
+"""Builds a fresh (not yet entered) connection for this node carrying ``will``."""
+
+_NO_RUN = RunId("-")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientSettings:
+    """Who the client is and how it finds its server.
+
+    Attributes:
+        node_id: this node's id (its MQTT client id).
+        namespace: the topic run level (the topology name).
+        server_id: the server's node id.
+        seed: the run's seed; local training of round r uses ``fit_seed(seed, r, node_id)``.
+        join_attempts: Joins sent per session before giving up on an answer.
+        join_backoff_s: first wait for an answer to a Join; doubles per attempt (max 8 s).
+        round_hint_s: assumed round length before one was seen (churn down time).
+    """
+
+    node_id: str
+    namespace: str
+    server_id: str
+    seed: int = 0
+    join_attempts: int = 8
+    join_backoff_s: float = 0.5
+    round_hint_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOutcome:
+    """How a client node ended.
+
+    ``finished``: the run ended; ``crashed``: a simulated crash; ``failed``:
+    an error, described in ``reason``.
+    """
+
+    node_id: str
+    status: Literal["finished", "crashed", "failed"]
+    reason: str = ""
+
+
+class ClientNode:
+    """The FedAvg client runtime.
+
+    Args:
+        trainer: local training and evaluation.
+        connect: builds this node's connection (called again after churn).
+        settings: identity and discovery settings.
+        faults: simulated faults; None injects none.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        connect: Connect,
+        settings: ClientSettings,
+        *,
+        faults: FaultPlan | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.trainer = trainer
+        self.settings = settings
+        self.id = settings.node_id
+        self._connect = connect
+        self._faults = faults if faults is not None and faults.active else None
+        self._clock = clock
+        data = getattr(trainer, "train", None)  # the built-in trainers expose their data
+        self._num_examples = len(data) if data is not None else 0
+        self.machine = FedAvgClient(run=_NO_RUN)
+        self._exit: Literal["", "crash", "churn"] = ""
+        self.away = False
+        """True while churn keeps the node disconnected."""
+        self._down_rounds = 0
+        self._seen_round = 0
+        self._round_s = settings.round_hint_s
+        self._round_at: float | None = None
+        self._joined_run: str = ""
+        self._join_ids: set[str] = set()
+        self._confirmed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._work: asyncio.Task[None] | None = None
+        self._messenger: Messenger | None = None
+        self._driver = Driver(self.machine, self._execute, clock=clock)
+
+    async def run(self) -> ClientOutcome:
+        """Take part until the run finishes (or a simulated crash); never raises for errors.
+
+        An error (lost connection, a bug) is logged with the node id; the
+        connection is then aborted, so the server learns from the will.
+        """
+        try:
+            while True:
+                status = await self._connection()
+                if status != "churn":
+                    return ClientOutcome(self.id, status)
+                self.away = True
+                down_s = self._down_rounds * self._round_s
+                log.info(
+                    "%s: churn: away for %d round(s) (%.1f s)", self.id, self._down_rounds, down_s
+                )
+                await asyncio.sleep(down_s)
+                self.away = False
+        except Exception as exc:  # the node runtime boundary (STYLE.md section 6)
+            log.exception("node %s failed", self.id)
+            return ClientOutcome(self.id, "failed", f"{type(exc).__name__}: {exc}")
+
+    def _will(self) -> Will:
+        topic = topics.broadcast(self.settings.namespace, self.id, LEAVE_CHANNEL)
+        # The run id is not known at connect time; the server accepts any run's Leave.
+        leave = Leave(run=self.settings.namespace, sender=self.id, reason="connection lost")
+        return Will(topic=topic, payload=codec.encode(leave))
+
+    async def _connection(self) -> Literal["finished", "crashed", "churn"]:
+        """One connection: until the run ends, a crash, or churn takes the node away."""
+        self._exit, self._joined_run = "", ""
+        transport = self._connect(self._will())
+        driver = self._driver = Driver(self.machine, self._execute, clock=self._clock)
+        async with transport:
+            try:
+                async with Messenger(
+                    transport, node_id=self.id, run=self.settings.namespace, strict_run=False
+                ) as messenger:
+                    self._messenger = messenger
+                    server = self.settings.server_id
+                    await messenger.subscribe_broadcasts(server, MANIFEST_CHANNEL)
+                    await messenger.subscribe_broadcasts(server, MODEL_CHANNEL)
+                    async with asyncio.TaskGroup() as tg:
+                        receiver = tg.create_task(
+                            self._receive(driver, messenger), name=f"fedbus[{self.id}].receive"
+                        )
+                        await driver.run()
+                        receiver.cancel()
+            except BaseException:
+                await _abort(transport)  # an error or Ctrl-C: let the will tell the server
+                raise
+            finally:
+                await self._cancel_tasks()
+            if self._exit:
+                await _abort(transport)
+                return "crashed" if self._exit == "crash" else "churn"
+        return "finished"
+
+    # -- messages -> events --------------------------------------------------------
+
+    async def _receive(self, driver: Driver, messenger: Messenger) -> None:
+        async for _topic, msg in messenger.messages():
+            if isinstance(msg, Manifest):
+                event: Event | None = await self._on_manifest(msg, driver, messenger)
+            elif isinstance(msg, ModelBroadcast):
+                event = self._on_model(msg)
+            elif isinstance(msg, Ack):
+                if msg.ref in self._join_ids:
+                    self._confirmed.set()
+                elif msg.status == "rejected":
+                    log.debug("%s: update %s rejected: %s", self.id, msg.ref, msg.detail)
+                event = None
+            else:
+                event = None
+            if self._exit:
+                driver.stop()
+                return
+            if event is not None:
+                driver.post(event)
+
+    async def _on_manifest(
+        self, msg: Manifest, driver: Driver, messenger: Messenger
+    ) -> Event | None:
+        if msg.run != self.machine.run:
+            if msg.state == "finished":
+                return None  # a run we never took part in ended: wait for the next
+            log.info("%s: run %s (round %d, %s)", self.id, msg.run, msg.round, msg.state)
+            await self._cancel_tasks()
+            self.machine = FedAvgClient(run=RunId(msg.run))
+            driver.replace(self.machine)
+            self._seen_round = 0
+        if self._joined_run != msg.run and msg.state != "finished":
+            self._joined_run = msg.run
+            self._start_joining(RunId(msg.run), messenger)
+        if self.id in msg.selected:
+            self._confirmed.set()
+        self._check_faults(msg.round)
+        return ManifestReceived(run=RunId(msg.run), round=msg.round, state=msg.state)
+
+    def _on_model(self, msg: ModelBroadcast) -> Event | None:
+        if msg.run != self.machine.run:
+            return None
+        selected = self.id in msg.selected
+        if selected:
+            self._confirmed.set()
+        self._check_faults(msg.round)
+        return ModelReceived(
+            run=RunId(msg.run), round=msg.round, weights=tensors_to_arrays(msg.weights),
+            selected=selected, config=msg.config, model_id=msg.id,
+        )  # fmt: skip
+
+    def _check_faults(self, round_num: int) -> None:
+        if round_num <= self._seen_round:
+            return
+        now = self._clock()
+        if self._round_at is not None and self._seen_round:
+            self._round_s = max(0.05, (now - self._round_at) / (round_num - self._seen_round))
+        self._seen_round, self._round_at = round_num, now
+        faults = self._faults
+        if faults is None:
+            return
+        if faults.crashes(round_num):
+            log.info("%s: simulated crash at round %d", self.id, round_num)
+            self._exit = "crash"
+        elif down := faults.leaves(round_num):
+            self._exit, self._down_rounds = "churn", down
+
+    def _start_joining(self, run: RunId, messenger: Messenger) -> None:
+        self._confirmed = asyncio.Event()
+        self._spawn(self._join(run, messenger, self._confirmed), "join")
+
+    async def _join(self, run: RunId, messenger: Messenger, confirmed: asyncio.Event) -> None:
+        wait_s = self.settings.join_backoff_s
+        for _ in range(self.settings.join_attempts):
+            join = Join(run=run, sender=self.id, num_examples=self._num_examples)
+            self._join_ids.add(join.id)
+            await messenger.send(self.settings.server_id, join)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await confirmed.wait()
+                    return
+            wait_s = min(8.0, wait_s * 2)
+        log.warning(
+            "%s: no answer to %d joins of run %s", self.id, self.settings.join_attempts, run
+        )
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def _execute(self, command: Command) -> bool:
+        run, server, messenger = self.machine.run, self.settings.server_id, self._messenger
+        assert messenger is not None
+        match command:
+            case Train() | Evaluate():
+                if self._faults is not None and self._faults.drops(command.round):
+                    log.debug("%s: simulated dropout in round %d", self.id, command.round)
+                    return False
+                self._work = self._spawn(self._work_on(command, self._driver.post), "train")
+            case CancelTraining():
+                if self._work is not None:
+                    self._work.cancel()
+                    self._work = None
+            case SendUpdate():
+                update = ModelUpdate(
+                    run=run, round=command.round, sender=self.id,
+                    weights=tensors_from_arrays(command.weights), num_examples=command.num_examples,
+                    encoding=command.encoding, reply_to=command.reply_to,
+                    metrics=_scalars(command.metrics),
+                )  # fmt: skip
+                await messenger.send(server, update)
+            case SendFailure():
+                failure = UpdateFailure(
+                    run=run, round=command.round, sender=self.id,
+                    reason=command.reason[:256], reply_to=command.reply_to,
+                )  # fmt: skip
+                await messenger.send(server, failure)
+            case Stop():
+                log.info("%s: %s", self.id, command.reason)
+                return True
+        return False
+
+    async def _work_on(self, command: Train | Evaluate, post: Callable[[Event], None]) -> None:
+        round_num = command.round
+        try:
+            if isinstance(command, Train):
+                cfg = command.config
+                fit = FitConfig(
+                    epochs=int(cfg.get("epochs", 1)), batch_size=int(cfg.get("batch_size", 16)),
+                    lr=float(cfg.get("lr", 0.05)), mu=float(cfg.get("mu", 0.0)),
+                    seed=fit_seed(self.settings.seed, round_num, self.id),
+                )  # fmt: skip
+                result = await asyncio.to_thread(self.trainer.fit, command.weights, fit)
+                event: Event = TrainingDone(
+                    round=round_num, weights=dict(result.weights), num_examples=result.num_examples,
+                    metrics=_scalars(result.metrics), encoding="delta" if result.is_delta else "dense",
+                )  # fmt: skip
+            else:
+                ev = await asyncio.to_thread(self.trainer.evaluate, command.weights)
+                metrics = {"accuracy": ev.accuracy, "loss": ev.loss, **ev.metrics}
+                event = EvaluationDone(
+                    round=round_num, num_examples=ev.num_examples, metrics=_scalars(metrics)
+                )
+        except Exception as exc:  # the user's trainer failed: that is data for the server
+            log.warning("%s: local work for round %d failed: %r", self.id, round_num, exc)
+            event = TrainingFailed(round=round_num, reason=f"{type(exc).__name__}: {exc}")
+        if self._faults is not None and (delay := self._faults.delay_s(round_num)):
+            await asyncio.sleep(delay)
+        post(event)
+
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"fedbus[{self.id}].{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._work = None
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """Keep what the wire's metrics map can carry (scalars; numpy numbers as Python ones)."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool | int | float | str):
+            out[str(key)] = value
+        elif hasattr(value, "item"):
+            out[str(key)] = value.item()
+    return out
+
+
+async def _abort(transport: Transport) -> None:
+    abort = getattr(transport, "abort", None)
+    if abort is not None:
+        await abort()
+    else:
+        await transport.aclose()
