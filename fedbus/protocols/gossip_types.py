@@ -1,0 +1,215 @@
+"""Gossip vocabulary: `GossipConfig`, peer events and commands, weight checks.
+
+Shared by the synchronous Metropolis-Hastings peer (`fedbus.protocols.gossip`)
+and the asynchronous push-sum peer (`fedbus.protocols.gossip_pushsum`). The
+peers also reuse FedAvg's generic events and commands: `Started`, `Tick`,
+`TrainingDone`, `TrainingFailed` in; `Train`, `Reject`, `Finish` out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import numpy as np
+
+from fedbus._types import NodeId, RunId
+from fedbus.aggregation import DELTA, DENSE, Arrays
+from fedbus.errors import ConfigError
+from fedbus.protocols.base import Command, Event
+from fedbus.protocols.fedavg_types import ScalarMap
+
+__all__ = [
+    "NOT_NEIGHBOUR",
+    "GossipConfig",
+    "NeighbourDropped",
+    "NeighbourJoined",
+    "NeighbourLost",
+    "PeerModelReceived",
+    "RoundMixed",
+    "SendModel",
+    "apply_training",
+    "weights_problem",
+]
+
+NOT_NEIGHBOUR: Final = "not_neighbour"
+"""Reject reason: a model from a node that is not one of ours (in-neighbours for push-sum)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GossipConfig:
+    """The ``protocol:`` section of a gossip topology, as one peer needs it.
+
+    Attributes:
+        rounds: rounds (synchronous) or local steps (push-sum) each peer runs.
+        mixing: "metropolis" (synchronous D-PSGD) or "push_sum" (asynchronous).
+        round_timeout_s: synchronous: how long a peer waits for its neighbours'
+            models of a round after sending its own; push-sum: the pause
+            between two steps, during which shares are collected.
+        join_timeout_s: synchronous: how long to wait for every neighbour to
+            announce itself before round 1 (the round starts at once when all have).
+        missed_rounds_to_drop: synchronous: consecutive round deadlines a
+            neighbour may miss before it is dropped and no longer waited for.
+        fanout: push-sum: out-neighbours sampled per step (None: all of them),
+            which makes the graph time-varying.
+        train_config: scalars passed to every `Train` (epochs, batch_size, lr...).
+    """
+
+    rounds: int = 10
+    mixing: Literal["metropolis", "push_sum"] = "metropolis"
+    round_timeout_s: float = 30.0
+    join_timeout_s: float = 60.0
+    missed_rounds_to_drop: int = 1
+    fanout: int | None = None
+    train_config: ScalarMap = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "missed_rounds_to_drop"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(
+                    f"must be a positive integer, got {value!r}", path=f"protocol.{name}"
+                )
+        if self.mixing not in ("metropolis", "push_sum"):
+            raise ConfigError(
+                f"must be metropolis or push_sum, got {self.mixing!r}", path="protocol.mixing"
+            )
+        for name in ("round_timeout_s", "join_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not (0.0 < value < math.inf):
+                raise ConfigError(
+                    f"must be a positive number of seconds, got {value!r}", path=f"protocol.{name}"
+                )
+        if self.fanout is not None and (not isinstance(self.fanout, int) or self.fanout < 1):
+            raise ConfigError(
+                f"must be a positive integer, got {self.fanout!r}", path="protocol.fanout"
+            )
+
+
+# --- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NeighbourJoined(Event):
+    """A neighbour announced itself (first time or after being away)."""
+
+    node: NodeId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NeighbourLost(Event):
+    """The runtime saw a neighbour go: its Leave message, last will or missed heartbeat."""
+
+    node: NodeId
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerModelReceived(Event):
+    """A neighbour's model (synchronous) or push-sum share arrived.
+
+    Attributes:
+        sender: the neighbour (the topic already matched it).
+        run: its run id; other runs are rejected.
+        round: the sender's round (synchronous) or local step (push-sum).
+        weights: its model, or its share of the push-sum numerator.
+        degree: the sender's degree in the graph (Metropolis-Hastings weights).
+        mass: its share of the push-sum mass (1.0 and unused when synchronous).
+        metrics: the sender's scalars (e.g. its training loss), for the log.
+    """
+
+    sender: NodeId
+    run: RunId
+    round: int
+    weights: Arrays
+    degree: int = 0
+    mass: float = 1.0
+    metrics: ScalarMap = field(default_factory=dict)
+
+
+# --- commands -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendModel(Command):
+    """Send ``weights`` (and push-sum ``mass``) of ``round`` to each node in ``to``.
+
+    One message per addressee; they all carry the same payload.
+    """
+
+    round: int
+    weights: Arrays
+    to: tuple[NodeId, ...]
+    degree: int
+    mass: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NeighbourDropped(Command):
+    """A neighbour is no longer waited for or mixed with (log it); it may come back."""
+
+    node: NodeId
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundMixed(Command):
+    """A round (or push-sum step) ended with a new local model: log and evaluate it.
+
+    Attributes:
+        round: the round or step just finished.
+        weights: the peer's model after mixing (push-sum: the de-biased ``x / w``).
+        mixed_with: neighbours whose models (shares) went in, sorted.
+        missing: active neighbours whose model of this round never came, sorted.
+        coefficients: synchronous: the mixing weight of each model, self included.
+        mass: push-sum: the peer's mass ``w`` after the step (1.0 when synchronous).
+        metrics: this peer's training metrics of the round.
+        rejected: reject counts by reason since the previous RoundMixed.
+    """
+
+    round: int
+    weights: Arrays
+    mixed_with: tuple[NodeId, ...]
+    missing: tuple[NodeId, ...]
+    coefficients: Mapping[str, float]
+    mass: float
+    metrics: ScalarMap
+    rejected: Mapping[str, int]
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def weights_problem(reference: Arrays, weights: Arrays) -> str:
+    """Why ``weights`` cannot be mixed with ``reference`` ('' if it can)."""
+    if list(weights) != list(reference):
+        return "tensor names differ from ours"
+    for name, ours in reference.items():
+        value, mine = np.asarray(weights[name]), np.asarray(ours)
+        if value.shape != mine.shape:
+            return f"{name}: shape {list(value.shape)} where ours is {list(mine.shape)}"
+        if value.dtype.kind not in "fiub" or (
+            value.dtype.kind == "f" and not np.isfinite(value).all()
+        ):
+            return f"{name}: not finite numbers"
+    return ""
+
+
+def apply_training(current: Arrays, done_weights: Arrays, encoding: str) -> dict[str, Any] | None:
+    """The trained model: ``done_weights`` itself (dense) or ``current + done_weights`` (delta).
+
+    None when the encoding is unknown or the tensors do not match ``current``.
+    """
+    if encoding not in (DENSE, DELTA) or weights_problem(current, done_weights):
+        return None
+    if encoding == DENSE:
+        return {k: np.asarray(v) for k, v in done_weights.items()}
+    return {
+        k: (np.asarray(v, dtype=np.float64) + np.asarray(done_weights[k], dtype=np.float64)).astype(
+            np.asarray(v).dtype
+        )
+        for k, v in current.items()
+    }
