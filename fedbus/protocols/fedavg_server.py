@@ -34,7 +34,8 @@ at once when at least ``min_clients`` nodes are live; if not, the server waits
 up to ``join_timeout_s`` for nodes to (re)join, then fails.
 
 Selection. Per attempt, ``k`` of the live nodes (``clients_per_round``,
-``ceil(fraction * live)`` but at least ``min_clients``, or all), sampled by a
+``floor(fraction * live)`` but at least ``min_clients``, or all; see
+`fedbus.protocols.selection.selection_size`), sampled by a
 `random.Random` seeded with ``(seed, round, attempt)`` from the sorted live
 set. Seeding per round instead of drawing from one long-lived generator makes
 a resumed run select exactly what the uninterrupted run would have.
@@ -103,7 +104,7 @@ from fedbus.protocols.fedavg_types import (
     UpdateReceived,
 )
 from fedbus.protocols.metrics import federated_metrics, training_metrics
-from fedbus.protocols.selection import select_nodes
+from fedbus.protocols.selection import select_nodes, selection_size
 
 __all__ = ["TRANSITIONS", "FedAvgServer", "ServerState"]
 
@@ -334,13 +335,12 @@ class FedAvgServer:
 
     def _select(self, live: list[NodeId]) -> frozenset[NodeId]:
         cfg = self.config
-        if cfg.clients_per_round is not None:
-            k = cfg.clients_per_round
-        elif cfg.fraction is not None:
-            # round() first so that 0.3 * 10 = 3.0000000000000004 selects 3, not 4.
-            k = max(cfg.min_clients, math.ceil(round(cfg.fraction * len(live), 9)))
-        else:
-            k = len(live)
+        k = selection_size(
+            len(live),
+            clients_per_round=cfg.clients_per_round,
+            fraction=cfg.fraction,
+            min_clients=cfg.min_clients,
+        )
         return select_nodes(cfg.seed, self._round, self._attempt, live, k)
 
     def _begin_attempt(self) -> list[Command]:

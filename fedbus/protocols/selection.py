@@ -8,12 +8,33 @@ reference loop in ``benchmarks/reference_fedavg.py`` can reproduce it.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
 from fedbus._types import NodeId
 
-__all__ = ["select_nodes"]
+__all__ = ["select_nodes", "selection_size"]
+
+
+def selection_size(
+    available: int, *, clients_per_round: int | None, fraction: float | None, min_clients: int = 1
+) -> int:
+    """How many of ``available`` nodes a round selects.
+
+    ``clients_per_round`` if given; else ``floor(fraction * available)`` as in
+    McMahan et al. (C * K), never below ``min_clients`` or 1; else all. Capped
+    at ``available``. The topology validator and the server both use this one
+    rule, so what ``fedbus validate`` promises is what a run does.
+    """
+    if clients_per_round is not None:
+        k = clients_per_round
+    elif fraction is not None:
+        # The epsilon keeps 0.29 * 100 at 29, not 28.999...
+        k = max(1, min_clients, math.floor(fraction * available + 1e-9))
+    else:
+        k = available
+    return min(k, available)
 
 
 def select_nodes(

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from fedbus.protocols.selection import selection_size
 from fedbus.topology.model import AggregatorSpec
 from fedbus.topology.problems import Checked
 
@@ -109,9 +110,9 @@ class ProtocolConfig(Checked):
         ``max(1, floor(fraction * available))`` as in McMahan et al.,
         else all of them.
         """
-        if self.clients_per_round is not None:
-            return min(self.clients_per_round, available)
-        if self.fraction is not None:
-            # The epsilon keeps 0.29 * 100 at 29, not 28.999...
-            return max(1, min(available, math.floor(self.fraction * available + 1e-9)))
-        return available
+        return selection_size(
+            available,
+            clients_per_round=self.clients_per_round,
+            fraction=self.fraction,
+            min_clients=1,
+        )

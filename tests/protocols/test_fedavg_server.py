@@ -95,7 +95,7 @@ def test_with_fraction_and_no_target_the_server_waits_for_the_deadline() -> None
     fed.start(0.0)
     assert fed.of(BroadcastModel) == []
     fed.tick(5.0)
-    assert len(fed.of(BroadcastModel)[0].selected) == 2  # ceil(0.5 * 3)
+    assert len(fed.of(BroadcastModel)[0].selected) == 1  # floor(0.5 * 3), as in McMahan et al.
 
 
 def test_nodes_joined_before_started_count() -> None:
