@@ -159,12 +159,20 @@ def _run_node(args: argparse.Namespace) -> int:
     return node_command(args)
 
 
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Lazy like the demo; the command module itself defers the writer and readers to its handler.
+    from fedbus.learning.tflite.command import add_command
+
+    add_command(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_broker,
     _add_demo,
     _add_validate,
     _add_run,
     _add_node,
+    _add_export,
 ]
 
 
