@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -42,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Handler = args.handler
+    # `docker stop`, systemd and kill send SIGTERM: take the same clean-up path
+    # as Ctrl-C, so nodes disconnect and a managed broker is stopped instead of
+    # orphaned. (`fedbus broker` installs handlers of its own.)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -164,6 +169,10 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     from fedbus.learning.tflite.command import add_command
 
     add_command(sub)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [

@@ -60,7 +60,8 @@ def test_invalid_and_unsupported_topologies_exit_2(tmp_path: Path) -> None:
     assert "not supported yet (issue 4)" in log.read_text()
 
 
-def test_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path, sig: signal.Signals) -> None:
     # Prepare: a run long enough to interrupt.
     topo = write_topology(tmp_path / "t.yaml", name="cli-sigint", rounds=200, epochs=3)
     out, log = tmp_path / "out", tmp_path / "log.txt"
@@ -70,7 +71,7 @@ def test_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
         descendants = children(proc.pid)
         assert descendants, "the embedded broker should be a child process"
         # Execute
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rc = wait(proc, 30, log)
     finally:
         if proc.poll() is None:
