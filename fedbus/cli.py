@@ -175,6 +175,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Lazy like the demo: the generator pulls PyYAML and the topology schema only when run.
+    from fedbus.deploy.command import add_command
+
+    add_command(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_broker,
     _add_demo,
@@ -182,6 +189,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], 
     _add_run,
     _add_node,
     _add_export,
+    _add_deploy,
 ]
 
 

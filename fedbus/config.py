@@ -157,18 +157,49 @@ class BrokerConfig:
         """The broker URL, without credentials."""
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
-    def password(self) -> str | None:
-        """Read the password from ``password_env``.
+    def password(self, client_id: str | None = None) -> str | None:
+        """Read the password named by ``password_env``.
+
+        The variable itself holds the password. Unset, ``<password_env>_FILE``
+        is tried, the container convention for secrets: a file holding the
+        password (a compose secret under ``/run/secrets``), or a directory of
+        one file per node id, so that ``fedbus run`` can start many nodes
+        with per-node credentials in one process. One trailing newline of a
+        file is dropped (editors add one).
+
+        Args:
+            client_id: the node whose password is wanted, for a directory.
 
         Raises:
-            ConfigError: the variable is named but not set.
+            ConfigError: neither variable is set, or the file cannot be read.
         """
         if self.password_env is None:
             return None
         value = os.environ.get(self.password_env)
-        if value is None:
+        if value is not None:
+            return value
+        file_var = f"{self.password_env}_FILE"
+        location = os.environ.get(file_var)
+        if location is None:
             raise ConfigError(
-                f"environment variable {self.password_env} (broker.password_env) is not set",
+                f"environment variable {self.password_env} (broker.password_env) is not set, "
+                f"nor {file_var}",
                 path="broker.password_env",
             )
-        return value
+        path = location
+        if os.path.isdir(location):
+            if client_id is None:
+                raise ConfigError(
+                    f"{file_var} names a directory; a node id is needed to pick the file",
+                    path="broker.password_env",
+                )
+            path = os.path.join(location, client_id)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the password file {path!r} ({file_var}): {exc.strerror}",
+                path="broker.password_env",
+            ) from exc
+        return text.removesuffix("\n").removesuffix("\r")

@@ -140,6 +140,7 @@ class ManagedBroker:
             unless a password file is given.
         password_file: mosquitto-format password file (see
             `fedbus.broker.make_password_file`).
+        acl_file: mosquitto ACL file (mosquitto only; see `fedbus.deploy`).
         tls: make the listener a TLS listener.
         persistence: keep sessions and queued messages across restarts
             (mosquitto only; stored in the broker's temp dir).
@@ -164,6 +165,7 @@ class ManagedBroker:
         tls: BrokerTls | None = None,
         persistence: bool = False,
         max_payload_bytes: int | None = None,
+        acl_file: str | os.PathLike[str] | None = None,
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
     ) -> None:
@@ -180,6 +182,10 @@ class ManagedBroker:
             )
         if port is not None and not 0 < port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {port}", path="broker.port")
+        if acl_file is not None and not Path(acl_file).is_file():
+            raise ConfigError(
+                f"ACL file {os.fspath(acl_file)!r} does not exist", path="broker.acl_file"
+            )
         if allow_anonymous is None:
             allow_anonymous = password_file is None
         self._host = host
@@ -189,6 +195,7 @@ class ManagedBroker:
         self._tls = tls
         self._persistence = persistence
         self._max_payload_bytes = max_payload_bytes
+        self._acl_file = acl_file
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
         self._kind, self._executable = self._resolve_kind(kind)
@@ -207,6 +214,11 @@ class ManagedBroker:
                 log.warning("the amqtt fallback keeps no persistent state; persistence is ignored")
             if max_payload_bytes is not None:
                 log.warning("the amqtt fallback enforces no packet size limit (max_payload_bytes)")
+            if acl_file is not None:
+                raise ConfigError(
+                    "the amqtt fallback cannot enforce a mosquitto ACL file; use mosquitto",
+                    path="broker.acl_file",
+                )
         self._child = _Child(tmpdir=Path(tempfile.mkdtemp(prefix="fedbus-broker-")))
         self._finalizer = weakref.finalize(self, _finalize, self._child)
 
@@ -322,6 +334,7 @@ class ManagedBroker:
                     tls=self._tls,
                     persistence_dir=persistence_dir,
                     max_payload_bytes=self._max_payload_bytes,
+                    acl_file=self._acl_file,
                 ),
                 encoding="utf-8",
             )

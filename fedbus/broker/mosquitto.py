@@ -101,6 +101,7 @@ def render_mosquitto_conf(
     persistence_dir: Path | None = None,
     max_payload_bytes: int | None = None,
     user: str | None = None,
+    acl_file: str | os.PathLike[str] | None = None,
 ) -> str:
     """Render a mosquitto 2.0 config for one listener.
 
@@ -115,6 +116,8 @@ def render_mosquitto_conf(
         max_payload_bytes: bound on a whole MQTT packet; None leaves mosquitto's
             protocol maximum (256 MiB).
         user: user mosquitto runs as; None means the current user.
+        acl_file: mosquitto ACL file (``fedbus deploy`` writes one per broker);
+            None lets every authenticated client read and write every topic.
 
     Returns:
         The config file text.
@@ -155,6 +158,8 @@ def render_mosquitto_conf(
         lines.append("persistence false")
     if password_file is not None:
         lines.append(f"password_file {_conf_value(Path(password_file).resolve())}")
+    if acl_file is not None:
+        lines.append(f"acl_file {_conf_value(Path(acl_file).resolve())}")
     lines.append(f"listener {port} {_conf_value(host)}")
     if tls is not None:
         lines += [

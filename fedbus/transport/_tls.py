@@ -79,9 +79,10 @@ def client_credentials(config: BrokerConfig, client_id: str) -> tuple[str | None
     credentials, where ACL patterns (``%u``) confine each node to its topics.
 
     Raises:
-        ConfigError: ``password_env`` names a variable that is not set.
+        ConfigError: ``password_env`` names a variable that is not set
+            (nor its ``_FILE`` variant, see `BrokerConfig.password`).
     """
-    password = config.password()
+    password = config.password(client_id)
     username = config.username
     if username is None and password is not None:
         username = client_id
