@@ -42,18 +42,18 @@ def node_command(args: argparse.Namespace) -> int:
                 f"fedbus node needs a broker URL: the topology's broker is {topology.broker.kind!r}; "
                 "pass --broker mqtt://HOST:PORT"
             )
-        if info.role not in (NodeRole.CLIENT, NodeRole.SERVER):
-            raise UsageError(
-                f"node {args.id!r} is a {info.role.value}, not supported yet (issue 4)"
-            )
-        if args.data is not None and info.role is not NodeRole.CLIENT:
-            raise UsageError("--data applies to a client node only")
+        if args.data is not None and not info.holds_data:
+            raise UsageError("--data applies to a data-holding node (client, device, peer) only")
     except ConfigError as exc:
         print(f"fedbus node: {exc}", file=sys.stderr)
         return 2
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if topology.protocol.kind != "centralized":
+        from fedbus.launch.node_roles import run_role
+
+        return run_role(args, topology, info, config)
     try:
         if info.role is NodeRole.SERVER:
             text = Path(args.topology).read_text(encoding="utf-8")

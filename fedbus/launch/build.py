@@ -23,7 +23,6 @@ from fedbus.topology import (
     ChurnFault,
     CrashFault,
     DropoutFault,
-    NodeRole,
     StragglerFault,
     SyntheticConfig,
     Topology,
@@ -43,9 +42,6 @@ __all__ = [
 
 def unsupported_reason(topology: Topology) -> str | None:
     """Why ``fedbus run``/``fedbus node`` cannot run this topology yet (None: they can)."""
-    kind = topology.protocol.kind
-    if kind != "centralized":
-        return f"protocol kind {kind!r} is not supported yet (issue 4); only 'centralized' runs"
     if topology.data is None:
         return "a topology without a data section is not supported yet (the model needs its sizes)"
     return None
@@ -120,7 +116,8 @@ def build_data(topology: Topology, base_dir: Path) -> FederationData:
         params,
         part.kind,
         partition_params,
-        topology.ids(NodeRole.CLIENT),
+        # Data-holding nodes in topology order: client i, device i and peer-i get part i.
+        [info.id for info in topology.node_infos() if info.holds_data],
         test_fraction=data.test_fraction,
         seed=topology.seed,
     )

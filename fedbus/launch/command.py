@@ -73,7 +73,10 @@ def load(path: str, **overrides: Any) -> Topology:
         UsageError: invalid file, bad override, or a protocol not runnable yet.
     """
     try:
-        topology = apply_overrides(load_topology(path), **overrides)
+        from fedbus.launch.robustness import check_aggregator
+
+        loaded = load_topology(path, check_aggregator=check_aggregator)
+        topology = apply_overrides(loaded, **overrides)
     except TopologyError as exc:
         count = len(exc.problems)
         raise UsageError(
@@ -81,7 +84,9 @@ def load(path: str, **overrides: Any) -> Topology:
         ) from exc
     except (ConfigError, OSError) as exc:
         raise UsageError(f"{path}: {exc}") from exc
-    reason = unsupported_reason(topology)
+    from fedbus.launch.robustness import unsupported_robustness
+
+    reason = unsupported_reason(topology) or unsupported_robustness(topology)
     if reason is not None:
         raise UsageError(f"{path}: {reason}")
     return topology
@@ -90,9 +95,11 @@ def load(path: str, **overrides: Any) -> Topology:
 class Progress(ServerObserver):
     """One line per round on ``stream``; a waiting line while nodes join."""
 
-    def __init__(self, rounds: int, stream: TextIO = sys.stdout, *, start_round: int = 0) -> None:
+    def __init__(self, rounds: int, stream: TextIO | None = None, *, start_round: int = 0) -> None:
         self.rounds = rounds
-        self.stream = stream
+        # sys.stdout is looked up now, not when the module was imported: it may
+        # have been replaced since (pytest's capsys, a redirecting caller).
+        self.stream = stream if stream is not None else sys.stdout
         self._last_join = 0.0
         self._round_seen = start_round > 0
 
@@ -155,9 +162,14 @@ def _resume(directory: str, topology: Topology) -> Checkpoint:
 def run_command(args: argparse.Namespace) -> int:
     """``fedbus run``: run a whole federation here; see the module docstring for exit codes."""
     from fedbus.launch.federation import run_federation
+    from fedbus.launch.robustness import describe_attacks
 
     try:
         topology = load(args.topology, rounds=args.rounds, seed=args.seed, broker_url=args.broker)
+        if topology.protocol.kind != "centralized":
+            from fedbus.launch.kinds import run_kind_command
+
+            return run_kind_command(args, topology)
         resume = _resume(args.resume, topology) if args.resume else None
     except UsageError as exc:
         print(exc, file=sys.stderr)
@@ -174,6 +186,9 @@ def run_command(args: argparse.Namespace) -> int:
         f"broker {topology.broker.url}{start}; results in {out}",
         flush=True,
     )
+    for attack in describe_attacks(topology):
+        nodes = ", ".join(attack["nodes"]) or "none"
+        print(f"attack {attack['describe']} by {nodes}", flush=True)
     external = topology.nodes.external
     if external:
         print(

@@ -38,7 +38,8 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], *, title: str) -> 
     accuracy = [float("nan") if r.get("accuracy") is None else r["accuracy"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     try:
-        top.plot(rounds, accuracy, marker="o", markersize=3)
+        top.plot(rounds, accuracy, marker="o", markersize=3, label="accuracy")
+        _levels(top, rows, rounds)
         top.set_ylabel("accuracy")
         top.set_title(title)
         top.grid(alpha=0.3)
@@ -55,3 +56,22 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], *, title: str) -> 
     finally:
         plt.close(fig)
     return True
+
+
+def _levels(ax: Any, rows: Sequence[Mapping[str, Any]], rounds: list[int]) -> None:
+    """Hierarchical: each edge's accuracy; gossip: the peers' min-max band and consensus distance."""
+    edges = sorted({e for r in rows for e in (r.get("edge_accuracy") or {})})
+    for edge in edges:
+        values = [(r.get("edge_accuracy") or {}).get(edge, float("nan")) for r in rows]
+        ax.plot(rounds, values, linestyle="--", linewidth=1, label=edge)
+    if any("accuracy_min" in r for r in rows):
+        low = [r.get("accuracy_min") or float("nan") for r in rows]
+        high = [r.get("accuracy_max") or float("nan") for r in rows]
+        ax.fill_between(rounds, low, high, alpha=0.2, label="peers min-max")
+        twin = ax.twinx()
+        distance = [r.get("consensus_distance") or float("nan") for r in rows]
+        twin.plot(rounds, distance, color="tab:purple", linestyle=":", label="consensus distance")
+        twin.set_ylabel("consensus distance")
+        twin.legend(loc="lower right", fontsize=7)
+    if edges or any("accuracy_min" in r for r in rows):
+        ax.legend(loc="upper left", fontsize=7)

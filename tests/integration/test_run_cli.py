@@ -52,12 +52,13 @@ def test_invalid_and_unsupported_topologies_exit_2(tmp_path: Path) -> None:
     log = tmp_path / "log.txt"
     assert wait(fedbus("run", str(bad), log=log), 30, log) == 2
     assert "protocol.rounds" in log.read_text()
-    gossip = tmp_path / "gossip.yaml"
-    gossip.write_text(
-        "name: g\ndata: {dataset: digits}\nprotocol: {kind: gossip}\nnodes: {peers: {count: 4}, graph: {kind: ring}}\n"
+    no_data = tmp_path / "no-data.yaml"
+    no_data.write_text(
+        "name: g\nprotocol: {kind: gossip}\n"
+        "nodes: {peers: {count: 2}, graph: {kind: ring}, external: [peer-0, peer-1]}\n"
     )
-    assert wait(fedbus("run", str(gossip), log=log), 30, log) == 2
-    assert "not supported yet (issue 4)" in log.read_text()
+    assert wait(fedbus("run", str(no_data), log=log), 30, log) == 2
+    assert "without a data section is not supported yet" in log.read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])

@@ -1,0 +1,198 @@
+"""Issue 4's targets, measured: hierarchical and gossip against the centralized reference.
+
+One run of each, over the in-process bus (``broker: memory``; the traffic
+counts are the same encoded bytes a broker would carry), digits with a
+Dirichlet(0.5) partition and an MLP:
+
+- hierarchical: 2 edges x 10 devices, ``edge_rounds`` local rounds per global
+  round, against centralized FedAvg on the same 20-client partition after the
+  same number of device-level epochs (global rounds x edge_rounds rounds of
+  1 epoch); target: within 2 points.
+- traffic: the cloud's bytes per global round (up + down, on its own
+  connection) against the centralized server's bytes per round; target: at
+  most 1.2 x (edges + 1) / (devices + 1).
+- gossip: 16 peers on a random 3-regular graph (Metropolis mixing) on a
+  16-client partition, against centralized FedAvg with 16 clients and the
+  same rounds; targets: mean accuracy within 3 points, best - worst peer at
+  most 3 points at the end, consensus distance at the last round below round 1.
+- faults: edge-a killed at the middle global round (devices re-home to the
+  cloud), and 20% churn (each peer leaves with probability 0.2 per round, for
+  one round) in gossip; targets: the runs complete and the targets above hold
+  within 2 more points.
+
+Usage: ``python benchmarks/bench_topologies.py [--rounds-hier N] [--rounds-gossip N]``.
+Prints every figure with its verdict; exit status 0 whatever the verdicts (it
+measures, it does not gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from fedbus.launch.federation import run_federation
+from fedbus.launch.gossip import run_gossip
+from fedbus.launch.hierarchical import run_hierarchical
+from fedbus.nodes import ServerObserver
+from fedbus.topology import Topology, loads_topology
+
+COMMON = """
+seed: {seed}
+broker: memory
+data: {{dataset: digits, partition: {{kind: dirichlet, alpha: 0.5}}}}
+model: {{kind: mlp, hidden: [32]}}
+training: {{epochs: 1, batch_size: {batch}, lr: {lr}}}
+"""
+
+
+def centralized(clients: int, rounds: int, *, seed: int, batch: int, lr: float) -> Topology:
+    """Centralized FedAvg, every client every round."""
+    return loads_topology(
+        f"name: ref{clients}\n"
+        + COMMON.format(seed=seed, batch=batch, lr=lr)
+        + f"protocol: {{kind: centralized, rounds: {rounds}, round_timeout_s: 60}}\n"
+        f"nodes: {{server: {{id: server}}, clients: {{count: {clients}}}}}\n"
+    )
+
+
+def hierarchical(
+    rounds: int, edge_rounds: int, *, seed: int, batch: int, lr: float, faults: str = ""
+) -> Topology:
+    """Cloud over 2 edges x 10 devices."""
+    return loads_topology(
+        "name: hier\n"
+        + COMMON.format(seed=seed, batch=batch, lr=lr)
+        + f"protocol: {{kind: hierarchical, rounds: {rounds}, edge_rounds: {edge_rounds}, "
+        "rehome: parent, round_timeout_s: 60}\n"
+        "nodes:\n  server: {id: cloud}\n  edges:\n"
+        "    - {id: edge-a, clients: 10}\n    - {id: edge-b, clients: 10}\n" + faults
+    )
+
+
+def gossip(rounds: int, *, seed: int, batch: int, lr: float, faults: str = "") -> Topology:
+    """16 peers, random 3-regular graph, Metropolis mixing."""
+    return loads_topology(
+        "name: gossip\n"
+        + COMMON.format(seed=seed, batch=batch, lr=lr)
+        + f"protocol: {{kind: gossip, rounds: {rounds}, mixing: metropolis, round_timeout_s: 5}}\n"
+        "nodes: {peers: {count: 16}, graph: {kind: random_regular, degree: 3}}\n" + faults
+    )
+
+
+class _Rows(ServerObserver):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_round(self, row: Any) -> None:
+        self.rows.append(dict(row))
+
+
+async def _centralized_rows(topology: Topology) -> list[dict[str, Any]]:
+    rows = _Rows()
+    result = await run_federation(topology, out=None, observer=rows)
+    assert result.server.success, result.server.reason
+    return rows.rows
+
+
+def _bytes_per_round(rows: list[dict[str, Any]]) -> float:
+    return sum(r["bytes_up"] + r["bytes_down"] for r in rows) / max(len(rows), 1)
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+async def main(args: argparse.Namespace) -> None:
+    seed, batch, lr = args.seed, args.batch_size, args.lr
+    hr, er, gr = args.rounds_hier, args.edge_rounds, args.rounds_gossip
+    print(f"digits, Dirichlet(0.5), MLP [32], epochs 1, batch {batch}, lr {lr}, seed {seed}\n")
+
+    # --- hierarchical vs centralized on the same 20-client partition ---------------
+    t0 = time.monotonic()
+    ref20 = await _centralized_rows(centralized(20, hr * er, seed=seed, batch=batch, lr=lr))
+    rows = _Rows()
+    hier = await run_hierarchical(
+        hierarchical(hr, er, seed=seed, batch=batch, lr=lr), out=None, observer=rows
+    )
+    assert hier.server.success, hier.server.reason
+    h_acc, c_acc = rows.rows[-1]["accuracy"], ref20[-1]["accuracy"]
+    print(f"hierarchical: {hr} global rounds x {er} edge rounds = {hr * er} device epochs")
+    print(
+        f"  ours {h_acc:.4f}  centralized ({hr * er} rounds, 20 clients) {c_acc:.4f}  "
+        f"gap {100 * (c_acc - h_acc):+.2f} pts  target <= 2: {_verdict(c_acc - h_acc <= 0.02)}"
+    )
+    cloud, server = _bytes_per_round(rows.rows), _bytes_per_round(ref20)
+    bound = 1.2 * (2 + 1) / (20 + 1)
+    print(
+        f"traffic: cloud {cloud / 1e3:.1f} kB/global round, centralized server {server / 1e3:.1f} kB/round, "
+        f"ratio {cloud / server:.3f}  target <= {bound:.3f}: {_verdict(cloud / server <= bound)}"
+    )
+
+    # --- edge killed mid-run -------------------------------------------------------------
+    crash = f"faults: [{{kind: crash, nodes: [edge-a], at_round: {max(2, hr // 2)}}}]\n"
+    rows_f = _Rows()
+    hier_f = await run_hierarchical(
+        hierarchical(hr, er, seed=seed, batch=batch, lr=lr, faults=crash), out=None, observer=rows_f
+    )
+    f_acc = rows_f.rows[-1]["accuracy"] if rows_f.rows else float("nan")
+    rehomed = sorted(
+        {n.parents[-1] for d, n in hier_f.device_nodes.items() if d.startswith("edge-a-")}
+    )
+    print(
+        f"hierarchical, edge-a killed at round {max(2, hr // 2)}: completed {hier_f.server.success} "
+        f"({len(rows_f.rows)} rounds), devices re-homed to {rehomed}, accuracy {f_acc:.4f}, "
+        f"gap {100 * (c_acc - f_acc):+.2f} pts  target <= 4: "
+        f"{_verdict(hier_f.server.success and c_acc - f_acc <= 0.04)}"
+    )
+
+    # --- gossip vs centralized on the same 16-client partition --------------------------
+    ref16 = await _centralized_rows(centralized(16, gr, seed=seed, batch=batch, lr=lr))
+    g = await run_gossip(gossip(gr, seed=seed, batch=batch, lr=lr), out=None)
+    assert g.success, g.reason
+    last, first = g.rows[-1], g.rows[0]
+    c16 = ref16[-1]["accuracy"]
+    spread = last["accuracy_max"] - last["accuracy_min"]
+    print(f"\ngossip: 16 peers, random 3-regular, {gr} rounds")
+    print(
+        f"  mean {last['accuracy']:.4f} (min {last['accuracy_min']:.4f}, max {last['accuracy_max']:.4f})  "
+        f"centralized ({gr} rounds, 16 clients) {c16:.4f}  gap {100 * (c16 - last['accuracy']):+.2f} pts  "
+        f"target <= 3: {_verdict(c16 - last['accuracy'] <= 0.03)}"
+    )
+    print(f"  spread {100 * spread:.2f} pts  target <= 3: {_verdict(spread <= 0.03)}")
+    print(
+        f"  consensus distance round 1 {first['consensus_distance']:.4f}, last {last['consensus_distance']:.4f}"
+        f"  target last < first: {_verdict(last['consensus_distance'] < first['consensus_distance'])}"
+    )
+
+    churn = "faults: [{kind: churn, probability: 0.2, down_rounds: 1}]\n"
+    gc = await run_gossip(gossip(gr, seed=seed, batch=batch, lr=lr, faults=churn), out=None)
+    lc = gc.rows[-1] if gc.rows else {}
+    away = sum(r["dropped"] for r in gc.rows) / max(len(gc.rows), 1)
+    gap_c = c16 - lc.get("accuracy", float("nan"))
+    spread_c = lc.get("accuracy_max", 1.0) - lc.get("accuracy_min", 0.0)
+    print(
+        f"gossip with 20% churn: completed {gc.success} ({len(gc.rows)} rounds, {away:.1f} peers away per "
+        f"round on average), mean {lc.get('accuracy', float('nan')):.4f}, gap {100 * gap_c:+.2f} pts "
+        f"(target <= 5: {_verdict(gc.success and gap_c <= 0.05)}), spread {100 * spread_c:.2f} pts "
+        f"(target <= 5: {_verdict(spread_c <= 0.05)}), consensus {first_cd(gc.rows):.4f} -> "
+        f"{lc.get('consensus_distance', float('nan')):.4f}"
+    )
+    print(f"\nwall {time.monotonic() - t0:.1f} s")
+
+
+def first_cd(rows: list[dict[str, Any]]) -> float:
+    """Consensus distance of the first row (nan without rows)."""
+    return float(rows[0]["consensus_distance"]) if rows else float("nan")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds-hier", type=int, default=15, help="global rounds (hierarchical)")
+    parser.add_argument("--edge-rounds", type=int, default=2)
+    parser.add_argument("--rounds-gossip", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,460 @@
+"""`PeerNode`: runs a gossip peer machine (`GossipPeer` or `PushSumPeer`) over a transport.
+
+There is no server. Each peer talks to its graph neighbours only, in the
+federation's namespace (the topology name):
+
+- announcing: a ``Join`` directed at each neighbour, repeated with backoff
+  until that neighbour answers (an ``Ack``, or a ``Join`` of its own); each
+  Join or Ack of our run from a neighbour is a `NeighbourJoined`;
+- models: one ``ModelUpdate`` per addressee of a `SendModel` (directed
+  topics, so a peer receives exactly its in-neighbours' models), carrying the
+  sender's graph ``degree`` and push-sum ``mass`` in its metrics map;
+- leaving: every connection carries a last will, a ``Leave`` on the peer's
+  ``leave`` channel, to which its neighbours subscribe; a Leave (will or the
+  clean one sent after the last round) is a `NeighbourLost`.
+
+Run id. Peers started by ``fedbus run`` are given it. A ``fedbus node``
+agent that is not learns it from the first neighbour that answers (its Joins
+carry the namespace as a placeholder run, which no real run id equals, so
+nobody counts them); its machine is built then.
+
+Training runs in a worker thread (``asyncio.to_thread``) in a task of its
+own; the result comes back through the driver. Simulated faults are decided
+when a round's training starts: a crash aborts the connection for good;
+churn aborts it (the will tells the neighbours), keeps the machine as it is,
+and after ``down_rounds`` rounds' worth of time reconnects, announces itself
+again, waits briefly for the neighbours' answers and then redoes the
+training it skipped. Deadlines that passed meanwhile fire at once (the
+machine closes the round it was in and jumps to where its neighbours are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from fedbus import codec, topics
+from fedbus._types import NodeId, RunId
+from fedbus.errors import FedbusError
+from fedbus.learning.trainer import Trainer
+from fedbus.messages import Ack, Join, Leave, ModelUpdate, tensors_from_arrays, tensors_to_arrays
+from fedbus.nodes.client import Connect
+from fedbus.nodes.driver import Driver
+from fedbus.nodes.faults import FaultPlan
+from fedbus.nodes.namespaces import abort_transport
+from fedbus.nodes.server import LEAVE_CHANNEL
+from fedbus.nodes.training import run_local_work
+from fedbus.protocols.base import Command, Event
+from fedbus.protocols.fedavg import Finish, Reject, Started, Train
+from fedbus.protocols.gossip import GossipPeer, PeerState
+from fedbus.protocols.gossip_pushsum import PushSumPeer, PushSumState
+from fedbus.protocols.gossip_types import (
+    NeighbourDropped,
+    NeighbourJoined,
+    NeighbourLost,
+    PeerModelReceived,
+    RoundMixed,
+    SendModel,
+)
+from fedbus.transport.base import Will
+from fedbus.transport.messenger import Messenger
+
+__all__ = ["PeerMachine", "PeerNode", "PeerObserver", "PeerOutcome", "PeerSettings"]
+
+log = logging.getLogger(__name__)
+
+PeerMachine = GossipPeer | PushSumPeer
+MachineFactory = Callable[[RunId], PeerMachine]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerSettings:
+    """Who the peer is and whom it talks to.
+
+    Attributes:
+        node_id: this peer's id (its MQTT client id).
+        namespace: the topic run level (the topology name).
+        neighbours: its graph neighbours.
+        seed: the run's seed; round r trains with ``fit_seed(seed, r, node_id)``.
+        join_attempts: Joins sent to a silent neighbour per connection.
+        join_backoff_s: first wait for an answer; doubles per attempt (max 8 s).
+        rejoin_wait_s: after a reconnection, how long to wait for the
+            neighbours' answers before the machine runs on.
+        round_hint_s: assumed round length before one was seen (churn down time).
+        round_timeout_s: the protocol's round deadline (bounds a churn absence).
+    """
+
+    node_id: str
+    namespace: str
+    neighbours: tuple[str, ...]
+    seed: int = 0
+    join_attempts: int = 8
+    join_backoff_s: float = 0.5
+    rejoin_wait_s: float = 2.0
+    round_hint_s: float = 2.0
+    round_timeout_s: float = 30.0
+
+
+class PeerObserver:
+    """Callbacks of the launcher's monitor; every method is optional."""
+
+    def on_mixed(self, peer: str, mixed: RoundMixed) -> None:
+        """``peer`` finished a round (or push-sum step) with a new model."""
+
+    def on_gone(self, peer: str, status: str) -> None:
+        """``peer`` ended (finished, crashed, failed) or went away for a while (away)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOutcome:
+    """How a peer ended: ``finished``, ``crashed`` (simulated) or ``failed`` (``reason``)."""
+
+    node_id: str
+    status: Literal["finished", "crashed", "failed"]
+    reason: str = ""
+    completed_round: int = 0
+
+
+class PeerNode:
+    """The gossip peer runtime (see the module docstring).
+
+    Args:
+        make_machine: builds the machine once the run id is known.
+        trainer: local training on this peer's data.
+        connect: builds this node's connection carrying a will (again after churn).
+        settings: identity and neighbours.
+        run: the run id, when known in advance.
+        faults: simulated faults; None injects none.
+        observer: the monitor's callbacks.
+        progress: waits until the network reaches a round (simulation: how long
+            churn keeps the peer away); None measures by the peer's own rounds.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        make_machine: MachineFactory,
+        trainer: Trainer,
+        connect: Connect,
+        settings: PeerSettings,
+        *,
+        run: RunId | None = None,
+        faults: FaultPlan | None = None,
+        observer: PeerObserver | None = None,
+        progress: Callable[[int], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._progress = progress
+        self.id = settings.node_id
+        self.trainer = trainer
+        self._make = make_machine
+        self._connect = connect
+        self._faults = faults if faults is not None and faults.active else None
+        self._observer = observer or PeerObserver()
+        self._clock = clock
+        self._neighbours = frozenset(settings.neighbours)
+        data = getattr(trainer, "train", None)
+        self._num_examples = len(data) if data is not None else 0
+        self.machine: PeerMachine | None = None
+        self._driver: Driver | None = None
+        self._early: list[Event] = []
+        self._have_run = asyncio.Event()
+        self._confirmed: set[str] = set()
+        self._all_confirmed = asyncio.Event()
+        self._messenger: Messenger | None = None
+        self._exit: Literal["", "crash", "churn"] = ""
+        self._down_rounds = 0
+        self._pending: Train | None = None
+        self._work: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._finish: Finish | None = None
+        self._round_s = settings.round_hint_s
+        self._mixed_at: float | None = None
+        self._checked_round = 0
+        self._connected_once = False
+        self.away = False
+        """True while churn keeps the peer disconnected."""
+        if run is not None:
+            self._adopt(run)
+
+    @property
+    def run_id(self) -> RunId | None:
+        """The run id (None until learnt)."""
+        return None if self.machine is None else self.machine.run
+
+    # -- running -------------------------------------------------------------------
+
+    async def run(self) -> PeerOutcome:
+        """Take part until the last round, a simulated crash or an error; never raises."""
+        try:
+            while True:
+                status = await self._connection()
+                if status != "churn":
+                    return self._outcome(status)
+                self.away = True
+                self._observer.on_gone(self.id, "away")
+                await self._stay_away()
+                self.away = False
+        except Exception as exc:  # the node runtime boundary (STYLE.md section 6)
+            log.exception("node %s failed", self.id)
+            return self._outcome("failed", f"{type(exc).__name__}: {exc}")
+
+    async def _stay_away(self) -> None:
+        """Churn: stay away ``down_rounds`` rounds of the network, by its clock or ours.
+
+        With ``progress`` (the launcher's view of the network's round) the
+        peer returns once the network moved ``down_rounds`` rounds on, at the
+        latest after ``down_rounds`` round deadlines; without it, after
+        ``down_rounds`` times its own observed round length.
+        """
+        rounds = self._down_rounds
+        left = self._checked_round
+        progress = self._progress
+        if progress is None:
+            down_s = rounds * self._round_s
+            log.info("%s: churn: away for %d round(s) (%.2f s)", self.id, rounds, down_s)
+            await asyncio.sleep(down_s)
+            return
+        log.info("%s: churn: away for %d round(s) from round %d", self.id, rounds, left)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(rounds * self.settings.round_timeout_s):
+                await progress(left + rounds)
+
+    def _outcome(
+        self, status: Literal["finished", "crashed", "failed"], reason: str = ""
+    ) -> PeerOutcome:
+        done = 0 if self.machine is None else _completed(self.machine)
+        if self._finish is not None and not reason:
+            reason = self._finish.reason
+        self._observer.on_gone(self.id, status)
+        return PeerOutcome(self.id, status, reason, done)
+
+    def _will(self) -> Will:
+        topic = topics.broadcast(self.settings.namespace, self.id, LEAVE_CHANNEL)
+        leave = Leave(run=self.settings.namespace, sender=self.id, reason="connection lost")
+        return Will(topic=topic, payload=codec.encode(leave))
+
+    async def _connection(self) -> Literal["finished", "crashed", "churn"]:
+        self._exit = ""
+        first, self._connected_once = not self._connected_once, True
+        self._confirmed.clear()
+        self._all_confirmed = asyncio.Event()
+        if not self._neighbours:
+            self._all_confirmed.set()
+        transport = self._connect(self._will())
+        async with transport:
+            try:
+                async with Messenger(
+                    transport, node_id=self.id, run=self.settings.namespace, strict_run=False
+                ) as messenger:
+                    self._messenger = messenger
+                    for neighbour in sorted(self._neighbours):
+                        await messenger.subscribe_broadcasts(neighbour, LEAVE_CHANNEL)
+                    async with asyncio.TaskGroup() as tg:
+                        receiver = tg.create_task(
+                            self._receive(messenger), name=f"fedbus[{self.id}].receive"
+                        )
+                        self._spawn(self._announce(messenger), "announce")
+                        await self._drive(first)
+                        receiver.cancel()
+            except BaseException:
+                await abort_transport(transport)
+                raise
+            finally:
+                await self._cancel_tasks()
+                self._messenger = None
+            if self._exit:
+                await abort_transport(transport)
+                return "crashed" if self._exit == "crash" else "churn"
+        return "finished"
+
+    async def _drive(self, first: bool) -> None:
+        await self._have_run.wait()  # an agent waits for its run as long as it takes
+        driver = self._driver
+        assert driver is not None
+        if first:
+            await driver.feed(Started())
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.rejoin_wait_s):
+                    await self._all_confirmed.wait()
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._start_work(pending)
+        if not driver.done:
+            await driver.run()
+
+    def _adopt(self, run: RunId) -> None:
+        self.machine = self._make(run)
+        self._driver = Driver(self.machine, self._execute, clock=self._clock)
+        for event in self._early:
+            self._driver.post(event)
+        self._early.clear()
+        self._have_run.set()
+
+    def _post(self, event: Event) -> None:
+        if self._driver is None:
+            self._early.append(event)
+        else:
+            self._driver.post(event)
+
+    # -- messages -> events ----------------------------------------------------------
+
+    async def _receive(self, messenger: Messenger) -> None:
+        async for _topic, msg in messenger.messages():
+            sender = NodeId(msg.sender)
+            if isinstance(msg, Leave):
+                if sender in self._neighbours:
+                    self._post(NeighbourLost(node=sender, reason=msg.reason or "left"))
+            elif isinstance(msg, Join | Ack):
+                await self._on_hello(msg, messenger)
+            elif isinstance(msg, ModelUpdate):
+                metrics = msg.metrics
+                degree, mass = metrics.get("degree", 0), metrics.get("mass", 1.0)
+                self._post(
+                    PeerModelReceived(
+                        sender=sender, run=RunId(msg.run), round=msg.round,
+                        weights=tensors_to_arrays(msg.weights),
+                        degree=int(degree) if isinstance(degree, int | float) else -1,
+                        mass=float(mass) if isinstance(mass, int | float) else float("nan"),
+                    )
+                )  # fmt: skip
+
+    async def _on_hello(self, msg: Join | Ack, messenger: Messenger) -> None:
+        sender = msg.sender
+        if sender not in self._neighbours:
+            return
+        placeholder = self.settings.namespace
+        if self.machine is None and msg.run != placeholder:
+            log.info("%s: run %s (learnt from %s)", self.id, msg.run, sender)
+            self._adopt(RunId(msg.run))
+        run = self.run_id
+        if isinstance(msg, Join):
+            ack = Ack(run=run or placeholder, sender=self.id, ref=msg.id)
+            with contextlib.suppress(FedbusError):
+                await messenger.send(sender, ack)
+        if run is not None and msg.run == run:
+            self._confirmed.add(sender)
+            if self._confirmed >= self._neighbours:
+                self._all_confirmed.set()
+            self._post(NeighbourJoined(node=NodeId(sender)))
+
+    async def _announce(self, messenger: Messenger) -> None:
+        wait_s = self.settings.join_backoff_s
+        for _ in range(self.settings.join_attempts):
+            silent = sorted(self._neighbours - self._confirmed)
+            if not silent:
+                return
+            run = self.run_id or self.settings.namespace
+            for neighbour in silent:
+                join = Join(run=run, sender=self.id, role="peer", num_examples=self._num_examples)
+                with contextlib.suppress(FedbusError):
+                    await messenger.send(neighbour, join)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._all_confirmed.wait()
+                    return
+            wait_s = min(8.0, wait_s * 2)
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def _execute(self, command: Command) -> bool:
+        match command:
+            case Train():
+                if self._check_faults(command.round):
+                    self._pending = command
+                    assert self._driver is not None
+                    self._driver.stop()
+                    return False
+                self._start_work(command)
+            case SendModel():
+                await self._send_model(command)
+            case RoundMixed():
+                now = self._clock()
+                if self._mixed_at is not None:
+                    self._round_s = max(0.05, 0.7 * self._round_s + 0.3 * (now - self._mixed_at))
+                self._mixed_at = now
+                self._observer.on_mixed(self.id, command)
+            case NeighbourDropped():
+                log.debug("%s: dropped %s in round %d: %s", self.id, command.node, command.round,
+                          command.reason)  # fmt: skip
+            case Reject():
+                log.debug("%s: rejected %s (round %d): %s %s", self.id, command.sender,
+                          command.round, command.reason, command.detail)  # fmt: skip
+            case Finish():
+                self._finish = command
+                messenger, run = self._messenger, self.run_id
+                if messenger is not None and run is not None:
+                    leave = Leave(run=run, sender=self.id, reason="finished")
+                    with contextlib.suppress(FedbusError):
+                        await messenger.broadcast(leave, LEAVE_CHANNEL)
+                return True
+        return False
+
+    async def _send_model(self, command: SendModel) -> None:
+        messenger, run = self._messenger, self.run_id
+        if messenger is None or run is None:
+            return
+        tensors = tensors_from_arrays(command.weights)
+        for neighbour in command.to:
+            update = ModelUpdate(
+                run=run, round=command.round, sender=self.id, weights=tensors,
+                num_examples=self._num_examples,
+                metrics={"degree": command.degree, "mass": float(command.mass)},
+            )  # fmt: skip
+            try:
+                await messenger.send(neighbour, update)
+            except FedbusError as exc:  # a dead receiver of a chunked model: it is dropped later
+                log.debug("%s: model of round %d to %s not sent: %s", self.id, command.round,
+                          neighbour, exc)  # fmt: skip
+
+    def _check_faults(self, round_num: int) -> bool:
+        """Whether the peer leaves now (crash or churn), decided once per round."""
+        faults = self._faults
+        if faults is None or round_num <= self._checked_round:
+            return False
+        self._checked_round = round_num
+        if faults.crashes(round_num):
+            log.info("%s: simulated crash at round %d", self.id, round_num)
+            self._exit = "crash"
+            return True
+        if down := faults.leaves(round_num):
+            self._exit, self._down_rounds = "churn", down
+            return True
+        return False
+
+    def _start_work(self, command: Train) -> None:
+        self._work = self._spawn(
+            run_local_work(self.trainer, command, self.id, self.settings.seed, self._post), "train"
+        )
+
+    def _spawn(self, coro: object, what: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"fedbus[{self.id}].{what}")  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._work = None
+
+
+def _completed(machine: PeerMachine) -> int:
+    if isinstance(machine, GossipPeer):
+        return machine.completed_round
+    done = machine.state is PushSumState.FINISHED
+    return machine.current_round if done else max(0, machine.current_round - 1)
+
+
+def is_finished(machine: PeerMachine) -> bool:
+    """Whether the machine ran all its rounds."""
+    return machine.state in (PeerState.FINISHED, PushSumState.FINISHED)
