@@ -97,10 +97,11 @@ def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _run_validate(args: argparse.Namespace) -> int:
     # Lazy: loading the schema pulls PyYAML, which other commands need not load.
+    from fedbus.launch.robustness import check_aggregator
     from fedbus.topology import NodeRole, TopologyError, load_topology
 
     try:
-        topology = load_topology(args.topology)
+        topology = load_topology(args.topology, check_aggregator=check_aggregator)
     except TopologyError as exc:
         print(exc.format(), file=sys.stderr)
         count = len(exc.problems)

@@ -10,7 +10,15 @@ acknowledges one, or the node is selected in a model or manifest.
 
 Training and evaluation run in a worker thread (``asyncio.to_thread``) in a
 task of their own, so messages keep flowing meanwhile; the result comes back
-to the machine as an event through the driver.
+to the machine as an event through the driver. For fedbus's own numpy
+trainer (exactly `NumpyTrainer`, whose work is pure CPU and never waits on
+anything), work known to be tiny (under ``INLINE_WORK_S`` of CPU, see
+`ClientNode._timed`) runs on the event loop instead: a thread hop costs more than such a fit (at 1,000 simulated clients
+of 20 samples each, threads made the round about 15 % slower, and their GIL
+hand-offs stall the loop), and blocking the loop for a fraction of a
+millisecond delays nothing. Work of unknown cost, and any other trainer's
+work (user code may block, e.g. on something only the event loop would
+deliver), goes to a thread.
 
 Connections. Each connection carries a last will, an encoded Leave on the
 node's ``leave`` channel, which the broker publishes if the connection dies
@@ -25,15 +33,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from fedbus import codec, topics
 from fedbus._types import RunId
 from fedbus.learning.seeds import fit_seed
-from fedbus.learning.trainer import FitConfig, Trainer
+from fedbus.learning.trainer import FitConfig, FitResult, Trainer
+from fedbus.learning.trainers import NumpyTrainer
 from fedbus.messages import (
     Ack,
     Join,
@@ -66,14 +76,36 @@ from fedbus.protocols.fedavg import (
 from fedbus.transport.base import Transport, Will
 from fedbus.transport.messenger import Messenger
 
-__all__ = ["ClientNode", "ClientOutcome", "ClientSettings", "Connect"]
+__all__ = ["ClientNode", "ClientOutcome", "ClientSettings", "Connect", "LocalAttack"]
 
 log = logging.getLogger(__name__)
+
+INLINE_WORK_S: Final = 0.002
+"""Local work that last took less than this runs on the event loop (module docstring)."""
+
+_INLINE_WALL_S: Final = 0.05
+"""Work that took longer than this in wall time stays in a thread, whatever its CPU time."""
+
+_COST_PER_EXAMPLE: dict[tuple[type, str], float] = {}
+"""(trainer class, "fit"/"evaluate") -> CPU seconds per local example last measured here."""
 
 Connect = Callable[[Will], Transport]
 """Builds a fresh (not yet entered) connection for this node carrying ``will``."""
 
 _NO_RUN = RunId("-")
+
+
+class LocalAttack(Protocol):
+    """Simulation only: replaces a client's honest training (`fedbus.launch.robustness`)."""
+
+    async def fit(
+        self, round_num: int, weights: Mapping[str, Any], config: FitConfig, selected: Sequence[str]
+    ) -> FitResult | None:
+        """The result to send for ``round_num`` instead of honest training; None: train honestly."""
+        ...
+
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +152,7 @@ class ClientNode:
         connect: builds this node's connection (called again after churn).
         settings: identity and discovery settings.
         faults: simulated faults; None injects none.
+        attack: simulation only: forges this node's updates (an attacker); None is honest.
         clock: monotonic seconds.
     """
 
@@ -130,6 +163,7 @@ class ClientNode:
         settings: ClientSettings,
         *,
         faults: FaultPlan | None = None,
+        attack: LocalAttack | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trainer = trainer
@@ -137,6 +171,8 @@ class ClientNode:
         self.id = settings.node_id
         self._connect = connect
         self._faults = faults if faults is not None and faults.active else None
+        self._attack = attack
+        self._selected: Sequence[str] = ()  # the last model broadcast's selection (attacks)
         self._clock = clock
         data = getattr(trainer, "train", None)  # the built-in trainers expose their data
         self._num_examples = len(data) if data is not None else 0
@@ -155,6 +191,7 @@ class ClientNode:
         self._work: asyncio.Task[None] | None = None
         self._messenger: Messenger | None = None
         self._driver = Driver(self.machine, self._execute, clock=clock)
+        self._work_s: dict[str, float] = {}  # kind of work -> how long it last took
 
     async def run(self) -> ClientOutcome:
         """Take part until the run finishes (or a simulated crash); never raises for errors.
@@ -250,7 +287,7 @@ class ClientNode:
         if self._joined_run != msg.run and msg.state != "finished":
             self._joined_run = msg.run
             self._start_joining(RunId(msg.run), messenger)
-        if self.id in msg.selected:
+        if _is_selected(self.id, msg.selected):
             self._confirmed.set()
         self._check_faults(msg.round)
         return ManifestReceived(run=RunId(msg.run), round=msg.round, state=msg.state)
@@ -258,7 +295,8 @@ class ClientNode:
     def _on_model(self, msg: ModelBroadcast) -> Event | None:
         if msg.run != self.machine.run:
             return None
-        selected = self.id in msg.selected
+        selected = _is_selected(self.id, msg.selected)
+        self._selected = msg.selected
         if selected:
             self._confirmed.set()
         self._check_faults(msg.round)
@@ -346,13 +384,19 @@ class ClientNode:
                     lr=float(cfg.get("lr", 0.05)), mu=float(cfg.get("mu", 0.0)),
                     seed=fit_seed(self.settings.seed, round_num, self.id),
                 )  # fmt: skip
-                result = await asyncio.to_thread(self.trainer.fit, command.weights, fit)
+                forged: FitResult | None = None
+                if self._attack is not None:
+                    forged = await self._attack.fit(round_num, command.weights, fit, self._selected)
+                if forged is not None:
+                    result = forged
+                else:
+                    result = await self._timed("fit", self.trainer.fit, command.weights, fit)
                 event: Event = TrainingDone(
                     round=round_num, weights=dict(result.weights), num_examples=result.num_examples,
                     metrics=_scalars(result.metrics), encoding="delta" if result.is_delta else "dense",
                 )  # fmt: skip
             else:
-                ev = await asyncio.to_thread(self.trainer.evaluate, command.weights)
+                ev = await self._timed("evaluate", self.trainer.evaluate, command.weights)
                 metrics = {"accuracy": ev.accuracy, "loss": ev.loss, **ev.metrics}
                 event = EvaluationDone(
                     round=round_num, num_examples=ev.num_examples, metrics=_scalars(metrics)
@@ -363,6 +407,40 @@ class ClientNode:
         if self._faults is not None and (delay := self._faults.delay_s(round_num)):
             await asyncio.sleep(delay)
         post(event)
+
+    async def _timed(self, kind: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` in a worker thread, or inline when it is known to be tiny.
+
+        Only `NumpyTrainer` work is ever inlined (module docstring). Tiny: this node's previous work of this ``kind`` used under
+        ``INLINE_WORK_S`` of CPU and of wall time; before its first one, the
+        per-example cost other nodes of the same trainer class measured in
+        this process, times this node's examples. CPU time (``thread_time`` in
+        the thread that runs ``fn``) does not count the wait for a free worker
+        or for the GIL, so a queue of 1,000 clients does not hide a tiny fit;
+        the wall-time bound keeps work that waits on I/O in a thread.
+        """
+        if type(self.trainer) is not NumpyTrainer:
+            return await asyncio.to_thread(fn, *args)
+        estimate = self._work_s.get(kind)
+        if estimate is None:
+            per_example = _COST_PER_EXAMPLE.get((type(self.trainer), kind))
+            if per_example is not None and self._num_examples:
+                estimate = per_example * self._num_examples
+
+        def call() -> _T:
+            cpu, wall = time.thread_time(), time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                cpu = time.thread_time() - cpu
+                used = cpu if time.perf_counter() - wall < _INLINE_WALL_S else math.inf
+                self._work_s[kind] = used
+                if self._num_examples:
+                    _COST_PER_EXAMPLE[(type(self.trainer), kind)] = used / self._num_examples
+
+        if estimate is not None and estimate < INLINE_WORK_S:
+            return call()
+        return await asyncio.to_thread(call)
 
     def _spawn(self, coro: Any, what: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=f"fedbus[{self.id}].{what}")
@@ -376,6 +454,30 @@ class ClientNode:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._work = None
+
+
+_selected_sets: dict[int, tuple[list[str], frozenset[str]]] = {}
+"""id(list) -> (the list, its set), for the last few shared ``selected`` lists."""
+
+
+def _is_selected(node_id: str, selected: list[str]) -> bool:
+    """``node_id in selected``, in O(1) for the lists every client of this process shares.
+
+    Why: broadcasts are decoded once per process (`fedbus.inbound.SharedDecodes`),
+    so the 1,000 clients of a simulation receive the very same ``selected``
+    lists (the model's and the manifest's); scanning them 1,000 times a round
+    was quadratic. The set is built once per list object; the cache keeps a
+    reference to the list, so its ``id`` cannot be reused while cached.
+    """
+    if len(selected) < 32:
+        return node_id in selected
+    entry = _selected_sets.get(id(selected))
+    if entry is None or entry[0] is not selected:
+        if len(_selected_sets) >= 4:
+            _selected_sets.pop(next(iter(_selected_sets)))
+        entry = (selected, frozenset(selected))
+        _selected_sets[id(selected)] = entry
+    return node_id in entry[1]
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, bool | int | float | str]:

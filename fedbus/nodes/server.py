@@ -117,6 +117,7 @@ class ServerSettings:
         topology_text: the topology file, kept with the results and checkpoints.
         resume: the checkpoint this run continues, if any.
         expected_nodes: how many clients the topology declares (progress display).
+        summary_extra: more summary.json keys (the run's attacks and validators).
     """
 
     node_id: str
@@ -127,6 +128,7 @@ class ServerSettings:
     topology_text: str = ""
     resume: Checkpoint | None = None
     expected_nodes: int | None = None
+    summary_extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +384,8 @@ class ServerNode:
             elif self._evaluator is not None:
                 result = await asyncio.to_thread(self._evaluator.evaluate, cmd.weights)
                 row["accuracy"], row["loss"] = float(result.accuracy), float(result.loss)
+                # The evaluator's extra metrics, e.g. backdoor_accuracy under a backdoor attack.
+                row.update({k: float(v) for k, v in result.metrics.items()})
             if not self._federated:
                 self._emit(row)
             if self._results is not None:
@@ -417,6 +421,7 @@ class ServerNode:
             return None
         wall_s = self._elapsed_base + (self._clock() - self._started)
         summary = {
+            **self.settings.summary_extra,
             "name": self.settings.name,
             "protocol": "centralized",
             "wall_s": round(wall_s, 6),

@@ -10,6 +10,7 @@ from typing import Final, Literal
 from fedbus.protocols.selection import selection_size
 from fedbus.topology.model import AggregatorSpec
 from fedbus.topology.problems import Checked
+from fedbus.topology.robustness import ValidatorSpec
 
 __all__ = ["EVALUATE_MODES", "MIXINGS", "PROTOCOL_KINDS", "REHOME_MODES", "ProtocolConfig"]
 
@@ -42,6 +43,7 @@ class ProtocolConfig(Checked):
         edge_rounds: local aggregation rounds per global round (hierarchical).
         rehome: where the clients of a dead edge go (hierarchical).
         mixing: ``metropolis`` or ``push_sum`` (gossip).
+        validators: update checks every aggregating node runs before aggregating.
     """
 
     kind: Literal["centralized", "hierarchical", "gossip"] = "centralized"
@@ -56,6 +58,7 @@ class ProtocolConfig(Checked):
     edge_rounds: int = 1
     rehome: Literal["parent", "sibling"] = "parent"
     mixing: Literal["metropolis", "push_sum"] = "metropolis"
+    validators: tuple[ValidatorSpec, ...] = ()
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.kind not in PROTOCOL_KINDS:
@@ -84,6 +87,9 @@ class ProtocolConfig(Checked):
             yield "rehome", f"must be one of {', '.join(REHOME_MODES)}; got {self.rehome!r}"
         if self.mixing not in MIXINGS:
             yield "mixing", f"must be one of {', '.join(MIXINGS)}; got {self.mixing!r}"
+        gates = [i for i, v in enumerate(self.validators) if v.kind == "validation_accuracy"]
+        if len(gates) > 1:
+            yield f"validators[{gates[1]}]", "validation_accuracy may be given once"
         yield from self._kind_problems()
 
     def _kind_problems(self) -> Iterator[tuple[str, str]]:

@@ -28,6 +28,7 @@ from fedbus.topology.model import (
 from fedbus.topology.nodes import EdgeConfig, NodesConfig
 from fedbus.topology.problems import Checked
 from fedbus.topology.protocol import ProtocolConfig
+from fedbus.topology.robustness import AttackSpec, assign_attackers
 
 __all__ = ["NodeInfo", "NodeRole", "Topology", "apply_overrides"]
 
@@ -95,6 +96,7 @@ class Topology(Checked):
         protocol: protocol kind, rounds, selection, deadlines, aggregator.
         nodes: who takes part.
         faults: faults injected in simulation, in file order.
+        attacks: simulated attackers among the started data-holding nodes.
     """
 
     name: str
@@ -106,6 +108,7 @@ class Topology(Checked):
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     nodes: NodesConfig = field(default_factory=NodesConfig)
     faults: tuple[Fault, ...] = ()
+    attacks: tuple[AttackSpec, ...] = ()
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         try:
@@ -117,6 +120,7 @@ class Topology(Checked):
         yield from self._shape_problems()
         yield from self._data_problems()
         yield from self._fault_problems()
+        yield from self._attack_problems()
 
     def _shape_problems(self) -> Iterator[tuple[str, str]]:
         kind, nodes, protocol = self.protocol.kind, self.nodes, self.protocol
@@ -177,6 +181,54 @@ class Topology(Checked):
                     )
             if fault.at_round > self.protocol.rounds:
                 yield f"faults[{i}].at_round", f"after the last round ({self.protocol.rounds})"
+
+    def _attack_problems(self) -> Iterator[tuple[str, str]]:
+        infos = {i.id: i for i in self.node_infos()}
+        owner: dict[str, int] = {}
+        for i, attack in enumerate(self.attacks):
+            for j, name in enumerate(attack.nodes):
+                info = infos.get(name)
+                where = f"attacks[{i}].nodes[{j}]"
+                if info is None:
+                    yield where, f"no node named {name!r}"
+                elif info.external:
+                    yield where, f"{name!r} is external: attacks are simulated in started nodes"
+                elif not info.holds_data:
+                    yield (
+                        where,
+                        f"{name!r} is a {info.role.value}; attackers train (clients, peers)",
+                    )
+                elif name in owner:
+                    yield where, f"{name!r} already attacks in attacks[{owner[name]}]"
+                else:
+                    owner[name] = i
+            for j, r in enumerate(attack.rounds):
+                if r > self.protocol.rounds:
+                    yield (
+                        f"attacks[{i}].rounds[{j}]",
+                        f"after the last round ({self.protocol.rounds})",
+                    )
+        if not self.attacks:
+            return
+        pool = self.attack_pool()
+        for i, (attack, chosen) in enumerate(
+            zip(self.attacks, assign_attackers(self.attacks, pool, self.seed), strict=True)
+        ):
+            if attack.nodes or (attack.fraction is not None and attack.fraction <= 0):
+                continue
+            if not chosen:
+                yield (
+                    f"attacks[{i}].fraction",
+                    f"selects no attacker among the {len(pool)} started data-holding node(s)",
+                )
+
+    def attack_pool(self) -> tuple[str, ...]:
+        """The nodes attackers are drawn from: data-holding nodes that fedbus run starts."""
+        return tuple(i.id for i in self.node_infos() if i.holds_data and not i.external)
+
+    def attackers(self) -> list[tuple[str, ...]]:
+        """Each attack's attacking nodes, drawn with the topology seed (`assign_attackers`)."""
+        return assign_attackers(self.attacks, self.attack_pool(), self.seed)
 
     # -- the runtime's view -------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from fedbus.topology.model import (
     AggregatorSpec,
@@ -30,6 +31,7 @@ from fedbus.topology.model import (
 from fedbus.topology.problems import Problem, TopologyError
 from fedbus.topology.protocol import ProtocolConfig
 from fedbus.topology.reader import Context, Section, type_name
+from fedbus.topology.robustness import read_attacks, read_validators
 from fedbus.topology.root import Topology
 from fedbus.topology.schema_common import read_aggregator, read_broker
 from fedbus.topology.schema_nodes import read_faults, read_nodes
@@ -37,10 +39,16 @@ from fedbus.topology.yamlpos import Located, parse_yaml
 
 __all__ = ["AggregatorCheck", "load_topology", "loads_topology"]
 
-AggregatorCheck = Callable[[AggregatorSpec], Iterable[str]]
-"""Hook for the aggregator registry: yields a message per problem (unknown name, bad params)."""
+AggregatorCheck = Callable[..., Iterable[str | tuple[str, str]]]
+"""Hook for the aggregator registry: ``check(spec)`` yields a problem per mistake (unknown name,
+bad params), as a message or as ``(path relative to the spec, message)``. A hook that also takes
+``updates_per_round=N`` (N: the updates that level aggregates per round, None when unknown)
+gets it, for bounds such as Bulyan's n >= 4f+3."""
 
-_ROOT_KEYS = ("name", "seed", "broker", "data", "model", "training", "protocol", "nodes", "faults")
+_ROOT_KEYS = (
+    "name", "seed", "broker", "data", "model", "training", "protocol", "nodes", "faults",
+    "attacks",
+)  # fmt: skip
 
 
 def load_topology(
@@ -107,6 +115,7 @@ def loads_topology(
     protocol = _read_protocol(ctx, top.node("protocol"), evaluate)
     nodes = read_nodes(ctx, top.node("nodes"), seed=seed)
     faults = read_faults(ctx, top.node("faults"))
+    attacks = read_attacks(ctx, top.node("attacks"))
     if check_aggregator is not None:
         _check_aggregators(ctx, check_aggregator, protocol, nodes)
     model = _read_model(ctx, top.node("model"))
@@ -126,6 +135,7 @@ def loads_topology(
                 protocol=protocol,
                 nodes=nodes,
                 faults=faults,
+                attacks=attacks,
             )
         except TopologyError as exc:
             for problem in exc.problems:
@@ -229,7 +239,7 @@ def _read_training(ctx: Context, node: Located | None) -> TrainingConfig:
 
 _PROTOCOL_KEYS = (
     "kind", "rounds", "clients_per_round", "fraction", "min_clients", "round_timeout_s",
-    "join_timeout_s", "evaluate", "aggregator", "edge_rounds", "rehome", "mixing",
+    "join_timeout_s", "evaluate", "aggregator", "edge_rounds", "rehome", "mixing", "validators",
 )  # fmt: skip
 
 
@@ -251,20 +261,53 @@ def _read_protocol(ctx: Context, node: Located | None, evaluate: str) -> Protoco
         edge_rounds=sec.integer("edge_rounds", 1),
         rehome=sec.text("rehome", "parent"),
         mixing=sec.text("mixing", "metropolis"),
+        validators=read_validators(ctx, sec.node("validators"), sec.at("validators")),
     )
 
 
 def _check_aggregators(
     ctx: Context, check: AggregatorCheck, protocol: ProtocolConfig, nodes: object
 ) -> None:
+    from fedbus.protocols.selection import selection_size
     from fedbus.topology.nodes import NodesConfig
 
-    specs = [("protocol.aggregator", protocol.aggregator)]
+    top_n: int | None = None
+    specs: list[tuple[str, AggregatorSpec, int | None]] = []
+    if isinstance(nodes, NodesConfig):
+        if protocol.kind == "centralized" and nodes.clients:
+            top_n = protocol.selected_per_round(len(nodes.clients))
+        elif protocol.kind == "hierarchical" and nodes.edges:
+            top_n = len(nodes.edges)
+    specs.append(("protocol.aggregator", protocol.aggregator, top_n))
     if isinstance(nodes, NodesConfig):
         for i, top in enumerate(nodes.edges):
             for rel, edge in top.walk(f"nodes.edges[{i}]"):
                 if edge.aggregator is not None:
-                    specs.append((f"{rel}.aggregator", edge.aggregator))
-    for path, spec in specs:
-        for message in check(spec):
-            ctx.add(path, message)
+                    n = None
+                    if edge.clients and not edge.edges:
+                        n = selection_size(
+                            len(edge.clients), clients_per_round=None, fraction=protocol.fraction
+                        )
+                    specs.append((f"{rel}.aggregator", edge.aggregator, n))
+    extra = _accepts_updates(check)
+    for path, spec, n in specs:
+        kwargs: dict[str, Any] = {"updates_per_round": n} if extra else {}
+        for found in check(spec, **kwargs):
+            if isinstance(found, tuple):
+                rel, message = found
+                ctx.add(f"{path}.{rel}" if rel else path, message, degrade=False)
+            else:
+                ctx.add(path, found, degrade=False)
+
+
+def _accepts_updates(check: AggregatorCheck) -> bool:
+    """Whether the hook takes ``updates_per_round`` (older hooks take the spec only)."""
+    import inspect
+
+    try:
+        params = inspect.signature(check).parameters
+    except (TypeError, ValueError):
+        return False
+    return "updates_per_round" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
