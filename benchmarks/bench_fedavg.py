@@ -1,0 +1,315 @@
+"""Issue 3's targets for centralized FL, fedbus beside the reference loop of the same run.
+
+The reference is `reference_fedavg.run_reference`: one process, no bus, a
+serial loop over the selected clients with the same trainer code and the
+same weighted average (fedbus over ``broker: memory`` ends within 1e-6 of
+it: tests/nodes/test_federation_memory.py). fedbus runs as a user runs it,
+``python -m fedbus run TOPOLOGY`` in a subprocess (`_fedavg_runs.run_fedbus`).
+Subcommands::
+
+    .venv/bin/python benchmarks/bench_fedavg.py accuracy             # digits + Synthetic, 3 seeds
+    .venv/bin/python benchmarks/bench_fedavg.py accuracy --seeds 0   # one seed (faster)
+    .venv/bin/python benchmarks/bench_fedavg.py overhead             # 1,000 clients, 3 interleaved runs
+    .venv/bin/python benchmarks/bench_fedavg.py overhead --quick     # 200 clients, 1 run
+    .venv/bin/python benchmarks/bench_fedavg.py startup              # quickstart: start to round 1
+    .venv/bin/python benchmarks/bench_fedavg.py faults               # 30 rounds, ~3 min
+
+* ``accuracy``: digits, 20 clients, Dirichlet(0.5), MLP 64-32-10, all
+  clients per round, E=1, B=16, lr 0.05, 30 rounds through the embedded
+  mosquitto: final accuracy >= 0.85. Synthetic(1,1), 10 of 30 clients per
+  round, E=20, B=10, lr 0.01, 200 rounds over ``broker: memory`` (the same
+  nodes, no broker; 200 rounds through mosquitto take no other path):
+  FedAvg 0.80-0.90 per seed, and FedProx (mu=1) above FedAvg in the mean.
+* ``overhead``: 1,000 clients, Synthetic(0,0) with 20 samples each, logistic
+  regression, all clients per round, E=1, B=10, lr 0.01. Runs interleave
+  (reference, mosquitto, memory) ``--runs`` times. Per-round wall time: the
+  median of ``wall_s`` over rounds 2.. of each run (round 1 pays the first,
+  threaded fits), then the median over runs; the reference's is its median
+  round (training + aggregation). Targets: mosquitto within 3x, memory
+  within 1.5x. The mosquitto runs use a broker started here with
+  ``sys_interval 1``, whose ``$SYS/broker/messages/received|sent`` are read
+  before and after each run; every client is its own MQTT connection. A last
+  run with the embedded broker measures what a user sees: time from process
+  start to the end of round 1 (< 3 s) and the peak resident memory of the
+  whole process tree, broker included (< 400 MB).
+* ``startup``: the same start-to-round-1 time for examples/quickstart.yaml.
+* ``faults``: digits, 20 clients all selected, min_clients 8,
+  round_timeout_s 5, dropout 0.3, 3 clients crashed at round 2, against the
+  same run without faults (same seed, same rounds), both through mosquitto:
+  every faulty round closes at its deadline with the rest, and the final
+  accuracy stays within 2 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reference_fedavg as ref
+from _fedavg_runs import DIGITS, FAULTS, OVERHEAD, ROOT, SYNTHETIC, RunResult, SysBroker, run_fedbus
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def _check(result: RunResult, what: str) -> RunResult:
+    if result.rc != 0:
+        raise SystemExit(f"{what}: fedbus run exited {result.rc}:\n{result.log[-3000:]}")
+    return result
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(flush=True)
+
+
+# -- accuracy ----------------------------------------------------------------------------
+
+
+def accuracy(args: argparse.Namespace, work: Path) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print("## accuracy: digits, 20 clients, Dirichlet(0.5), MLP 64-32-10, 30 rounds\n", flush=True)
+    digits = run_fedbus(
+        DIGITS.format(name="bench-digits", seed=0, broker="embedded", rounds=30,
+                      min_clients=20, round_timeout_s=60, faults=""),
+        work / "digits",
+    )  # fmt: skip
+    _check(digits, "digits")
+    _, history = ref.run_reference(**ref.PRESETS["digits"], seed=0)
+    ours, theirs = digits.final_accuracy, history[-1]["accuracy"]
+    _table(
+        ["run", "fedbus (mosquitto)", "reference loop", "target", "verdict"],
+        [["digits, seed 0, 30 rounds", f"{ours:.4f}", f"{theirs:.4f}", ">= 0.85",
+          _verdict(ours >= 0.85)]],
+    )  # fmt: skip
+    print(
+        f"## accuracy: Synthetic(1,1), 10 of 30 per round, E=20, 200 rounds, "
+        f"broker: memory, seeds {seeds}\n",
+        flush=True,
+    )
+    rows, finals = [], {0.0: [], 1.0: []}  # type: ignore[var-annotated]
+    for seed in seeds:
+        for mu in (0.0, 1.0):
+            result = run_fedbus(
+                SYNTHETIC.format(name=f"bench-syn-{seed}-{int(mu)}", seed=seed, broker="memory",
+                                 rounds=args.synthetic_rounds, mu=mu),
+                work / f"syn-{seed}-{mu}",
+            )  # fmt: skip
+            _check(result, f"synthetic seed {seed} mu {mu}")
+            _, hist = ref.run_reference(
+                **{**ref.PRESETS["synthetic"], "rounds": args.synthetic_rounds}, seed=seed, mu=mu
+            )
+            acc = result.final_accuracy
+            finals[mu].append(acc)
+            target = "0.80-0.90" if mu == 0 else "-"
+            ok = _verdict(0.80 <= acc <= 0.90) if mu == 0 else "-"
+            name = "FedAvg" if mu == 0 else "FedProx mu=1"
+            rows.append([f"{name}, seed {seed}", f"{acc:.4f}", f"{hist[-1]['accuracy']:.4f}",
+                         target, ok])  # fmt: skip
+            print(f"  {name} seed {seed}: fedbus {acc:.4f}, reference {hist[-1]['accuracy']:.4f}",
+                  flush=True)  # fmt: skip
+    avg, prox = statistics.mean(finals[0.0]), statistics.mean(finals[1.0])
+    rows.append(["mean FedAvg / FedProx", f"{avg:.4f} / {prox:.4f}", "", "FedProx > FedAvg",
+                 _verdict(prox > avg) + ("" if len(seeds) >= 3 else f" ({len(seeds)} seed(s))")])  # fmt: skip
+    print()
+    _table(["run", "fedbus (memory)", "reference loop", "target", "verdict"], rows)
+
+
+# -- overhead ----------------------------------------------------------------------------
+
+
+def _reference_round(clients: int, rounds: int) -> float:
+    cfg = {**ref.PRESETS["overhead"], "num_clients": clients, "clients_per_round": clients,
+           "rounds": rounds}  # fmt: skip
+    _, history = ref.run_reference(**cfg, seed=0)
+    return _med([r["wall_s"] for r in history])
+
+
+def overhead(args: argparse.Namespace, work: Path) -> None:
+    clients, rounds = args.clients, args.rounds
+    print(f"## overhead: {clients} clients, Synthetic(0,0) x 20 samples, logreg, all per round, "
+          f"{rounds} rounds, {args.runs} interleaved run(s)\n", flush=True)  # fmt: skip
+    broker = SysBroker()
+    print(f"broker for the counted runs: {broker.url}, open files limit {broker.open_files_limit()}",
+          flush=True)  # fmt: skip
+    refs: list[float] = []
+    mqtt: list[float] = []
+    mem: list[float] = []
+    counts: list[dict[str, int]] = []
+    peaks: list[float] = []
+    try:
+        for i in range(args.runs):
+            refs.append(_reference_round(clients, rounds))
+            before = broker.counters(2.5)
+            r = _check(
+                run_fedbus(OVERHEAD.format(name="bench-oh", broker=broker.url, rounds=rounds,
+                                           clients=clients), work / f"oh-mqtt-{i}",
+                           extra_pids=(broker.proc.pid,)),
+                "overhead mosquitto",
+            )  # fmt: skip
+            after = broker.counters(2.5)
+            counts.append({k: after[k] - before.get(k, 0) for k in after})
+            mqtt.append(_med(r.round_walls(skip_first=True)))
+            peaks.append(r.peak_rss_mb)
+            m = _check(
+                run_fedbus(OVERHEAD.format(name="bench-oh", broker="memory", rounds=rounds,
+                                           clients=clients), work / f"oh-mem-{i}"),
+                "overhead memory",
+            )  # fmt: skip
+            mem.append(_med(m.round_walls(skip_first=True)))
+            print(f"  run {i + 1}: reference {refs[-1]:.3f} s, mosquitto {mqtt[-1]:.3f} s "
+                  f"(peak {r.peak_rss_mb:.0f} MB with the broker), memory {mem[-1]:.3f} s; "
+                  f"broker messages {counts[-1]}", flush=True)  # fmt: skip
+    finally:
+        broker.close()
+    embedded = _check(
+        run_fedbus(OVERHEAD.format(name="bench-oh", broker="embedded", rounds=rounds,
+                                   clients=clients), work / "oh-embedded"),
+        "overhead embedded",
+    )  # fmt: skip
+    mem_first = _check(
+        run_fedbus(OVERHEAD.format(name="bench-oh", broker="memory", rounds=2, clients=clients),
+                   work / "oh-mem-first"),
+        "overhead memory startup",
+    )  # fmt: skip
+    r_ref, r_mqtt, r_mem = _med(refs), _med(mqtt), _med(mem)
+    print(
+        f"\nper-round wall time, s (median of {args.runs}; rounds 2..{rounds} of each fedbus run):\n"
+    )
+    _table(
+        ["", "fedbus", "reference loop", "ratio", "target", "verdict"],
+        [
+            ["through mosquitto", f"{r_mqtt:.3f}", f"{r_ref:.3f}", f"{r_mqtt / r_ref:.1f}x",
+             "<= 3x", _verdict(r_mqtt <= 3 * r_ref)],
+            ["broker: memory", f"{r_mem:.3f}", f"{r_ref:.3f}", f"{r_mem / r_ref:.1f}x",
+             "<= 1.5x", _verdict(r_mem <= 1.5 * r_ref)],
+        ],
+    )  # fmt: skip
+    c = counts[len(counts) // 2]
+    print(f"broker counters for one run ({clients} clients, {rounds} rounds, connects and joins "
+          f"included): PUBLISH received {c.get('publish_received', 0):,}, sent "
+          f"{c.get('publish_sent', 0):,}; MQTT packets of all types received "
+          f"{c.get('messages_received', 0):,}, sent {c.get('messages_sent', 0):,}\n")  # fmt: skip
+    first, peak = embedded.first_round_s, embedded.peak_rss_mb
+    _table(
+        ["fedbus run, embedded broker", "measured", "Flower 1.42", "target", "verdict"],
+        [
+            ["process start to end of round 1, s", f"{first:.2f}" if first else "?", "19",
+             "< 3", _verdict(first is not None and first < 3)],
+            ["  same over broker: memory, s",
+             f"{mem_first.first_round_s:.2f}" if mem_first.first_round_s else "?", "", "", ""],
+            ["peak RSS of the process tree (broker included), MB", f"{peak:.0f}", "830", "< 400",
+             _verdict(peak < 400)],
+            ["  same through the counted broker (max over runs), MB", f"{max(peaks):.0f}", "",
+             "", ""],
+        ],
+    )  # fmt: skip
+    print(
+        f"embedded run: per-round {_med(embedded.round_walls(skip_first=True)):.3f} s, "
+        f"round 1 {embedded.rows[0]['wall_s']:.3f} s, elapsed at round 1 (server clock) "
+        f"{embedded.rows[0]['elapsed_s']:.2f} s, whole process {embedded.wall_s:.1f} s"
+    )
+
+
+def startup(args: argparse.Namespace, work: Path) -> None:
+    text = (ROOT / "examples" / "quickstart.yaml").read_text()
+    firsts, peaks = [], []
+    for i in range(args.runs):
+        r = _check(run_fedbus(text, work / f"qs-{i}", args=("--rounds", "3")), "quickstart")
+        firsts.append(r.first_round_s or float("nan"))
+        peaks.append(r.peak_rss_mb)
+    f = _med(firsts)
+    _table(
+        ["quickstart (10 clients, embedded broker)", "measured", "target", "verdict"],
+        [[f"process start to end of round 1, s (median of {args.runs})", f"{f:.2f}", "< 3",
+          _verdict(f < 3)],
+         ["peak RSS of the process tree, MB", f"{max(peaks):.0f}", "-", "-"]],
+    )  # fmt: skip
+
+
+# -- faults --------------------------------------------------------------------------------
+
+
+def faults(args: argparse.Namespace, work: Path) -> None:
+    rounds = args.fault_rounds
+    print(f"## faults: digits, 20 clients all selected, min_clients 8, round_timeout_s 5, "
+          f"{rounds} rounds, embedded broker\n", flush=True)  # fmt: skip
+    common = dict(seed=0, broker="embedded", rounds=rounds, min_clients=8, round_timeout_s=5)
+    clean = _check(run_fedbus(DIGITS.format(name="bench-clean", faults="", **common),
+                              work / "clean"), "fault-free")  # fmt: skip
+    faulty = _check(run_fedbus(DIGITS.format(name="bench-faults", faults=FAULTS, **common),
+                               work / "faulty"), "faults")  # fmt: skip
+    rows = faulty.rows
+    at_deadline = [r for r in rows if r["dropped"] > 0]
+    deadline_ok = all(4.9 <= r["wall_s"] <= 6.5 for r in at_deadline)
+    quorum_ok = all(r["participants"] >= 8 for r in rows) and len(rows) == rounds
+    parts = [r["participants"] for r in rows]
+    diff = faulty.final_accuracy - clean.final_accuracy
+    print(f"faulty run: {len(rows)} rounds, participants min {min(parts)} median "
+          f"{_med([float(p) for p in parts]):.0f} max {max(parts)}; rounds with drops "
+          f"{len(at_deadline)}, their wall_s {min(r['wall_s'] for r in at_deadline):.2f}-"
+          f"{max(r['wall_s'] for r in at_deadline):.2f} s; attempts > 1: "
+          f"{sum(r['attempt'] > 1 for r in rows)}\n")  # fmt: skip
+    _table(
+        ["", "with faults", "fault-free", "difference", "target", "verdict"],
+        [
+            ["final accuracy", f"{faulty.final_accuracy:.4f}", f"{clean.final_accuracy:.4f}",
+             f"{diff * 100:+.2f} points", "within 2 points", _verdict(abs(diff) <= 0.02)],
+            ["rounds closed at the deadline with >= 8", f"{len(at_deadline)} of {len(rows)}",
+             "", "", "every round", _verdict(deadline_ok and quorum_ok)],
+            ["run time, s", f"{faulty.wall_s:.1f}", f"{clean.wall_s:.1f}", "", "", ""],
+        ],
+    )  # fmt: skip
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
+    "accuracy": accuracy,
+    "overhead": overhead,
+    "startup": startup,
+    "faults": faults,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=[*COMMANDS, "all"])
+    parser.add_argument("--seeds", default="0,1,2", help="Synthetic seeds (accuracy)")
+    parser.add_argument("--synthetic-rounds", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=1000, help="overhead clients")
+    parser.add_argument("--rounds", type=int, default=6, help="overhead rounds per run")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs (overhead, startup)")
+    parser.add_argument("--fault-rounds", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="overhead: 200 clients, 1 run")
+    parser.add_argument("--keep", metavar="DIR", help="keep run folders here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.runs = 200, 1
+    print(f"bench_fedavg {args.command}: {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n",
+          flush=True)  # fmt: skip
+    names = list(COMMANDS) if args.command == "all" else [args.command]
+    with tempfile.TemporaryDirectory(prefix="bench-fedavg-") as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        for name in names:
+            COMMANDS[name](args, work / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
