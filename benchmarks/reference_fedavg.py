@@ -12,7 +12,8 @@ The rules a framework run must follow to be comparable, exactly:
   (Synthetic: device i).
 * initial global weights: ``trainer.initial_weights(init_seed(seed))``.
 * selection in round r (1-based): all clients when ``clients_per_round >= N``;
-  otherwise ``fedbus.protocols.selection.select_nodes(seed, r, 0, ids, k)``, the
+  otherwise ``fedbus.protocols.selection.select_nodes(seed, r, 1, ids, k)`` (the
+  first attempt of round r), the
   function the FedAvg server itself selects with.
 * local training: ``fit(global, FitConfig(epochs, batch_size, lr, mu,
   seed=fit_seed(seed, r, client_id)))`` for each selected client.
@@ -101,7 +102,7 @@ def client_ids(num_clients: int) -> list[str]:
 
 def select_clients(seed: int, round_num: int, ids: Sequence[str], k: int) -> list[str]:
     """The clients of round ``round_num``, sorted (module docstring)."""
-    return sorted(select_nodes(seed, round_num, 0, [NodeId(i) for i in ids], k))
+    return sorted(select_nodes(seed, round_num, 1, [NodeId(i) for i in ids], k))
 
 
 def fedavg(updates: Mapping[str, tuple[Mapping[str, np.ndarray[Any, Any]], int]]) -> NamedArrays:

@@ -45,8 +45,9 @@ def select_nodes(
     Args:
         seed: the run's seed.
         round_num: 1-based round.
-        attempt: 0 for the first try of the round, then 1, 2, ... after a
-            missed quorum (each retry gets a fresh selection).
+        attempt: 1 for the first try of the round (as the server numbers
+            attempts), then 2, 3, ... after a missed quorum (each retry gets a
+            fresh selection).
         live: the candidate nodes; their order does not matter.
         k: how many to pick; all of them when ``k >= len(live)``.
     """

@@ -82,3 +82,20 @@ async def test_final_weights_equal_the_reference_loop(reference: ModuleType) -> 
     assert list(result.weights) == list(expected)
     for name, array in expected.items():
         np.testing.assert_allclose(result.weights[name], array, rtol=0, atol=1e-6)
+
+
+async def test_partial_selection_matches_the_reference_loop(reference: ModuleType) -> None:
+    """The same, with 3 of 6 clients per round: both must select the same clients."""
+    topo, _ = topology(
+        clients=6, rounds=4, seed=11, extra_protocol="  clients_per_round: 3\n  min_clients: 3"
+    )
+    result = await run_federation(topo, out=None)
+    assert result.server.success, result.server.reason
+    expected, _history = reference.run_reference(
+        dataset="digits", data_params={}, partition="dirichlet",
+        partition_params={"alpha": 0.5}, num_clients=6, clients_per_round=3,
+        model={"kind": "mlp", "hidden": [16]}, epochs=1, batch_size=16, lr=0.05,
+        rounds=4, seed=11,
+    )  # fmt: skip
+    for name, array in expected.items():
+        np.testing.assert_allclose(result.weights[name], array, rtol=0, atol=1e-6)
