@@ -12,15 +12,18 @@ Dirichlet(0.5) partition and an MLP:
   connection) against the centralized server's bytes per round; target: at
   most 1.2 x (edges + 1) / (devices + 1).
 - gossip: 16 peers on a random 3-regular graph (Metropolis mixing) on a
-  16-client partition, against centralized FedAvg with 16 clients and the
-  same rounds; targets: mean accuracy within 3 points, best - worst peer at
+  16-client partition, ``rounds`` training rounds then ``final_mixing_rounds``
+  mixing-only rounds (the consensus phase; no training, so the same number
+  of epochs), against centralized FedAvg with 16 clients and the same
+  training rounds; targets: mean accuracy within 3 points, best - worst peer at
   most 3 points at the end, consensus distance at the last round below round 1.
 - faults: edge-a killed at the middle global round (devices re-home to the
   cloud), and 20% churn (each peer leaves with probability 0.2 per round, for
   one round) in gossip; targets: the runs complete and the targets above hold
   within 2 more points.
 
-Usage: ``python benchmarks/bench_topologies.py [--rounds-hier N] [--rounds-gossip N]``.
+Usage: ``python benchmarks/bench_topologies.py [--rounds-hier N] [--rounds-gossip N]
+[--final-mixing N] [--lr-decay X] [--only-gossip]``.
 Prints every figure with its verdict; exit status 0 whatever the verdicts (it
 measures, it does not gate).
 """
@@ -71,12 +74,22 @@ def hierarchical(
     )
 
 
-def gossip(rounds: int, *, seed: int, batch: int, lr: float, faults: str = "") -> Topology:
-    """16 peers, random 3-regular graph, Metropolis mixing."""
+def gossip(
+    rounds: int,
+    *,
+    seed: int,
+    batch: int,
+    lr: float,
+    final: int = 0,
+    decay: float = 1.0,
+    faults: str = "",
+) -> Topology:
+    """16 peers, random 3-regular graph, Metropolis mixing, then ``final`` mixing-only rounds."""
     return loads_topology(
         "name: gossip\n"
         + COMMON.format(seed=seed, batch=batch, lr=lr)
-        + f"protocol: {{kind: gossip, rounds: {rounds}, mixing: metropolis, round_timeout_s: 5}}\n"
+        + f"protocol: {{kind: gossip, rounds: {rounds}, mixing: metropolis, round_timeout_s: 5, "
+        f"final_mixing_rounds: {final}, lr_decay: {decay}}}\n"
         "nodes: {peers: {count: 16}, graph: {kind: random_regular, degree: 3}}\n" + faults
     )
 
@@ -106,11 +119,20 @@ def _verdict(ok: bool) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     seed, batch, lr = args.seed, args.batch_size, args.lr
-    hr, er, gr = args.rounds_hier, args.edge_rounds, args.rounds_gossip
+    gr, fm, decay = args.rounds_gossip, args.final_mixing, args.lr_decay
     print(f"digits, Dirichlet(0.5), MLP [32], epochs 1, batch {batch}, lr {lr}, seed {seed}\n")
+    t0 = time.monotonic()
+    if not args.only_gossip:
+        await _hierarchical(args)
+    await _gossip(gr, fm, decay, seed=seed, batch=batch, lr=lr)
+    print(f"\nwall {time.monotonic() - t0:.1f} s")
+
+
+async def _hierarchical(args: argparse.Namespace) -> None:
+    seed, batch, lr = args.seed, args.batch_size, args.lr
+    hr, er = args.rounds_hier, args.edge_rounds
 
     # --- hierarchical vs centralized on the same 20-client partition ---------------
-    t0 = time.monotonic()
     ref20 = await _centralized_rows(centralized(20, hr * er, seed=seed, batch=batch, lr=lr))
     rows = _Rows()
     hier = await run_hierarchical(
@@ -147,14 +169,25 @@ async def main(args: argparse.Namespace) -> None:
         f"{_verdict(hier_f.server.success and c_acc - f_acc <= 0.04)}"
     )
 
+
+async def _gossip(gr: int, fm: int, decay: float, *, seed: int, batch: int, lr: float) -> None:
     # --- gossip vs centralized on the same 16-client partition --------------------------
     ref16 = await _centralized_rows(centralized(16, gr, seed=seed, batch=batch, lr=lr))
-    g = await run_gossip(gossip(gr, seed=seed, batch=batch, lr=lr), out=None)
+    g = await run_gossip(gossip(gr, seed=seed, batch=batch, lr=lr, final=fm, decay=decay), out=None)
     assert g.success, g.reason
     last, first = g.rows[-1], g.rows[0]
     c16 = ref16[-1]["accuracy"]
     spread = last["accuracy_max"] - last["accuracy_min"]
-    print(f"\ngossip: 16 peers, random 3-regular, {gr} rounds")
+    trained = g.rows[gr - 1]
+    print(
+        f"\ngossip: 16 peers, random 3-regular, {gr} training rounds + {fm} mixing-only rounds, "
+        f"lr_decay {decay}"
+    )
+    print(
+        f"  after the training rounds (round {gr}): mean {trained['accuracy']:.4f}, spread "
+        f"{100 * (trained['accuracy_max'] - trained['accuracy_min']):.2f} pts, consensus distance "
+        f"{trained['consensus_distance']:.4f}"
+    )
     print(
         f"  mean {last['accuracy']:.4f} (min {last['accuracy_min']:.4f}, max {last['accuracy_max']:.4f})  "
         f"centralized ({gr} rounds, 16 clients) {c16:.4f}  gap {100 * (c16 - last['accuracy']):+.2f} pts  "
@@ -167,7 +200,9 @@ async def main(args: argparse.Namespace) -> None:
     )
 
     churn = "faults: [{kind: churn, probability: 0.2, down_rounds: 1}]\n"
-    gc = await run_gossip(gossip(gr, seed=seed, batch=batch, lr=lr, faults=churn), out=None)
+    gc = await run_gossip(
+        gossip(gr, seed=seed, batch=batch, lr=lr, final=fm, decay=decay, faults=churn), out=None
+    )
     lc = gc.rows[-1] if gc.rows else {}
     away = sum(r["dropped"] for r in gc.rows) / max(len(gc.rows), 1)
     gap_c = c16 - lc.get("accuracy", float("nan"))
@@ -177,9 +212,9 @@ async def main(args: argparse.Namespace) -> None:
         f"round on average), mean {lc.get('accuracy', float('nan')):.4f}, gap {100 * gap_c:+.2f} pts "
         f"(target <= 5: {_verdict(gc.success and gap_c <= 0.05)}), spread {100 * spread_c:.2f} pts "
         f"(target <= 5: {_verdict(spread_c <= 0.05)}), consensus {first_cd(gc.rows):.4f} -> "
-        f"{lc.get('consensus_distance', float('nan')):.4f}"
+        f"{lc.get('consensus_distance', float('nan')):.4f} (target last < first: "
+        f"{_verdict(lc.get('consensus_distance', 1e9) < first_cd(gc.rows))})"
     )
-    print(f"\nwall {time.monotonic() - t0:.1f} s")
 
 
 def first_cd(rows: list[dict[str, Any]]) -> float:
@@ -191,7 +226,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds-hier", type=int, default=15, help="global rounds (hierarchical)")
     parser.add_argument("--edge-rounds", type=int, default=2)
-    parser.add_argument("--rounds-gossip", type=int, default=60)
+    parser.add_argument("--rounds-gossip", type=int, default=60, help="training rounds (gossip)")
+    parser.add_argument(
+        "--final-mixing", type=int, default=10, help="mixing-only rounds after them (gossip)"
+    )
+    parser.add_argument("--lr-decay", type=float, default=1.0, help="per-round lr decay (gossip)")
+    parser.add_argument("--only-gossip", action="store_true", help="skip the hierarchical runs")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)

@@ -60,7 +60,8 @@ def gossip_config(topology: Topology) -> GossipConfig:
     }  # fmt: skip
     return GossipConfig(
         rounds=p.rounds, mixing=p.mixing, round_timeout_s=p.round_timeout_s,
-        join_timeout_s=p.join_timeout_s, train_config=train,
+        join_timeout_s=p.join_timeout_s, train_config=train, lr_decay=p.lr_decay,
+        final_mixing_rounds=p.final_mixing_rounds,
     )  # fmt: skip
 
 
@@ -100,6 +101,7 @@ def make_peer(
         seed=topology.seed, round_hint_s=min(topology.protocol.round_timeout_s, 2.0),
         round_timeout_s=topology.protocol.round_timeout_s,
         rejoin_wait_s=min(topology.protocol.round_timeout_s, 2.0),
+        linger_s=2.0 * topology.protocol.round_timeout_s,
     )  # fmt: skip
     return PeerNode(
         build, trainer, connect, settings, run=run,

@@ -23,9 +23,16 @@ own; the result comes back through the driver. Simulated faults are decided
 when a round's training starts: a crash aborts the connection for good;
 churn aborts it (the will tells the neighbours), keeps the machine as it is,
 and after ``down_rounds`` rounds' worth of time reconnects, announces itself
-again, waits briefly for the neighbours' answers and then redoes the
-training it skipped. Deadlines that passed meanwhile fire at once (the
-machine closes the round it was in and jumps to where its neighbours are).
+again and waits briefly for the neighbours' answers. A synchronous peer
+then resynchronises (`Rejoined`: the neighbours that answered each send a
+snapshot of their current model, flagged ``sync`` in the ModelUpdate's
+metrics; the machine adopts their average and goes on at their round); a
+push-sum peer redoes the training it skipped.
+
+Lingering. A peer that finished while a neighbour was away (its will came,
+no clean Leave, no Join since) keeps its connection up to ``linger_s`` to
+answer that neighbour's rejoin with its final model, so a peer back after
+the others finished catches up instead of training alone.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ from fedbus.protocols.gossip_types import (
     NeighbourJoined,
     NeighbourLost,
     PeerModelReceived,
+    PeerSnapshotReceived,
+    Rejoined,
     RoundMixed,
     SendModel,
 )
@@ -87,6 +96,8 @@ class PeerSettings:
             neighbours' answers before the machine runs on.
         round_hint_s: assumed round length before one was seen (churn down time).
         round_timeout_s: the protocol's round deadline (bounds a churn absence).
+        linger_s: after the last round, how long to stay connected for
+            neighbours that are away (to answer their rejoin sync).
     """
 
     node_id: str
@@ -98,6 +109,7 @@ class PeerSettings:
     rejoin_wait_s: float = 2.0
     round_hint_s: float = 2.0
     round_timeout_s: float = 30.0
+    linger_s: float = 0.0
 
 
 class PeerObserver:
@@ -167,6 +179,7 @@ class PeerNode:
         self._have_run = asyncio.Event()
         self._confirmed: set[str] = set()
         self._all_confirmed = asyncio.Event()
+        self._any_confirmed = asyncio.Event()
         self._messenger: Messenger | None = None
         self._exit: Literal["", "crash", "churn"] = ""
         self._down_rounds = 0
@@ -178,6 +191,9 @@ class PeerNode:
         self._mixed_at: float | None = None
         self._checked_round = 0
         self._connected_once = False
+        self._away_neighbours: set[str] = set()
+        self._no_one_away = asyncio.Event()
+        self._no_one_away.set()
         self.away = False
         """True while churn keeps the peer disconnected."""
         if run is not None:
@@ -222,9 +238,12 @@ class PeerNode:
             await asyncio.sleep(down_s)
             return
         log.info("%s: churn: away for %d round(s) from round %d", self.id, rounds, left)
+        back_at = left + rounds
+        if isinstance(self.machine, GossipPeer):  # the network stops at its last round
+            back_at = min(back_at, self.machine.config.total_rounds)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(rounds * self.settings.round_timeout_s):
-                await progress(left + rounds)
+                await progress(back_at)
 
     def _outcome(
         self, status: Literal["finished", "crashed", "failed"], reason: str = ""
@@ -245,6 +264,7 @@ class PeerNode:
         first, self._connected_once = not self._connected_once, True
         self._confirmed.clear()
         self._all_confirmed = asyncio.Event()
+        self._any_confirmed = asyncio.Event()
         if not self._neighbours:
             self._all_confirmed.set()
         transport = self._connect(self._will())
@@ -283,12 +303,35 @@ class PeerNode:
         else:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.rejoin_wait_s):
-                    await self._all_confirmed.wait()
-            if self._pending is not None:
+                    # A synchronous peer resyncs from whoever answers first (the
+                    # machine takes later snapshots too); push-sum waits for all.
+                    sync = isinstance(self.machine, GossipPeer)
+                    await (self._any_confirmed if sync else self._all_confirmed).wait()
+            if isinstance(self.machine, GossipPeer):
+                self._pending = None  # the machine resyncs, then trains from the mixed model
+                answered = frozenset(NodeId(n) for n in self._confirmed)
+                await driver.feed(Rejoined(answered=answered))
+            elif self._pending is not None:
                 pending, self._pending = self._pending, None
                 self._start_work(pending)
         if not driver.done:
             await driver.run()
+        if self._finish is not None and self._away_neighbours and self.settings.linger_s > 0:
+            await self._linger(driver)
+
+    async def _linger(self, driver: Driver) -> None:
+        """Answer away neighbours' rejoins for up to ``linger_s`` after the last round."""
+        log.debug("%s: lingering for %s", self.id, sorted(self._away_neighbours))
+        driver.done = False
+        waiter = self._spawn(self._until_no_one_away(driver), "linger")
+        await driver.run()
+        waiter.cancel()
+
+    async def _until_no_one_away(self, driver: Driver) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.linger_s):
+                await self._no_one_away.wait()
+        driver.stop()
 
     def _adopt(self, run: RunId) -> None:
         self.machine = self._make(run)
@@ -311,12 +354,21 @@ class PeerNode:
             sender = NodeId(msg.sender)
             if isinstance(msg, Leave):
                 if sender in self._neighbours:
+                    self._set_away(sender, msg.reason != "finished")
                     self._post(NeighbourLost(node=sender, reason=msg.reason or "left"))
             elif isinstance(msg, Join | Ack):
                 await self._on_hello(msg, messenger)
             elif isinstance(msg, ModelUpdate):
                 metrics = msg.metrics
                 degree, mass = metrics.get("degree", 0), metrics.get("mass", 1.0)
+                if metrics.get("sync"):
+                    self._post(
+                        PeerSnapshotReceived(
+                            sender=sender, run=RunId(msg.run), round=msg.round,
+                            weights=tensors_to_arrays(msg.weights),
+                        )
+                    )  # fmt: skip
+                    continue
                 self._post(
                     PeerModelReceived(
                         sender=sender, run=RunId(msg.run), round=msg.round,
@@ -341,9 +393,20 @@ class PeerNode:
                 await messenger.send(sender, ack)
         if run is not None and msg.run == run:
             self._confirmed.add(sender)
+            self._any_confirmed.set()
             if self._confirmed >= self._neighbours:
                 self._all_confirmed.set()
-            self._post(NeighbourJoined(node=NodeId(sender)))
+            self._post(NeighbourJoined(node=NodeId(sender), wants_model=isinstance(msg, Join)))
+
+    def _set_away(self, neighbour: str, away: bool) -> None:
+        """Track neighbours gone without a clean Leave; back once sent a snapshot."""
+        if away:
+            self._away_neighbours.add(neighbour)
+            self._no_one_away.clear()
+        else:
+            self._away_neighbours.discard(neighbour)
+            if not self._away_neighbours:
+                self._no_one_away.set()
 
     async def _announce(self, messenger: Messenger) -> None:
         wait_s = self.settings.join_backoff_s
@@ -388,6 +451,8 @@ class PeerNode:
                 log.debug("%s: rejected %s (round %d): %s %s", self.id, command.sender,
                           command.round, command.reason, command.detail)  # fmt: skip
             case Finish():
+                if self._finish is not None:
+                    return True
                 self._finish = command
                 messenger, run = self._messenger, self.run_id
                 if messenger is not None and run is not None:
@@ -403,16 +468,22 @@ class PeerNode:
             return
         tensors = tensors_from_arrays(command.weights)
         for neighbour in command.to:
+            metrics: dict[str, bool | int | float | str] = {
+                "degree": command.degree, "mass": float(command.mass),
+            }  # fmt: skip
+            if command.sync:
+                metrics["sync"] = 1
             update = ModelUpdate(
                 run=run, round=command.round, sender=self.id, weights=tensors,
-                num_examples=self._num_examples,
-                metrics={"degree": command.degree, "mass": float(command.mass)},
+                num_examples=self._num_examples, metrics=metrics,
             )  # fmt: skip
             try:
                 await messenger.send(neighbour, update)
             except FedbusError as exc:  # a dead receiver of a chunked model: it is dropped later
                 log.debug("%s: model of round %d to %s not sent: %s", self.id, command.round,
                           neighbour, exc)  # fmt: skip
+            if command.sync:  # its rejoin is answered: a lingering peer need not wait for it
+                self._set_away(neighbour, False)
 
     def _check_faults(self, round_num: int) -> bool:
         """Whether the peer leaves now (crash or churn), decided once per round."""

@@ -14,8 +14,20 @@ States (`PeerState`)::
     IDLE --Started--> WAITING_FOR_NEIGHBOURS --(all joined | join deadline)--> TRAINING
     TRAINING --TrainingDone / TrainingFailed--> COLLECTING          (SendModel)
     COLLECTING --(nobody outstanding | round deadline)--> TRAINING   (RoundMixed, Train)
+                                                      --> COLLECTING (mixing-only round: SendModel)
                                                       --> FINISHED   (last round: Finish)
+    TRAINING | COLLECTING --Rejoined--> SYNCING                       (back from churn)
+    SYNCING --(every answered neighbour's snapshot | deadline)--> TRAINING | COLLECTING | FINISHED
     any state --(our own misuse)--> ERROR (terminal)
+
+Learning-rate decay and the consensus phase. Round ``r`` trains with
+``lr * lr_decay ** (r - 1)``, and after the ``rounds`` training rounds come
+``final_mixing_rounds`` mixing-only rounds (send the current model, mix, no
+training); see `GossipConfig` for why (a constant step keeps a consensus
+error floor of order ``lr / spectral gap``; each mixing-only step shrinks
+the distance to the average by the mixing matrix's second eigenvalue
+modulus and keeps the average). A mixing-only round is an ordinary round on
+the wire (one model per directed edge), so neighbours need no new rule.
 
 Mixing. With ``P`` the neighbours whose round-``r`` model arrived, the new
 model is ``x_i = W_ii * x_i + sum_{j in P} W_ij * x_j`` with the
@@ -33,6 +45,23 @@ that the runtime reports gone (`NeighbourLost`), is dropped (`NeighbourDropped`)
 and no longer waited for. It rejoins cleanly when it announces itself again
 (`NeighbourJoined`) or when a valid model of the current or a later round
 arrives from it: that model is used like any other.
+
+Rejoin sync. A peer back from an absence (`Rejoined`, fed by the runtime
+once its Joins were answered) does not train on from its stale model: it
+waits (at most ``round_timeout_s``) for a snapshot of the current model of
+each neighbour that answered, adopts their plain average, and goes on with
+the round after the newest round they completed (so it neither replays
+rounds nor drags stale parameters back in). Its own stale model and any
+model received before it left are discarded. A neighbour that announces
+itself with a Join (`NeighbourJoined` with ``wants_model``) is answered
+with such a snapshot (`SendModel` with ``sync``) once at least one round is
+done, also after the last round (the runtime lingers briefly for it). If the
+neighbours completed the last round, the returning peer reports the adopted
+model as that round's and finishes. This is the "pull the current model
+from neighbours on (re)join" rule of practical gossip systems (e.g. the
+bootstrapping of new nodes in Gossip Learning, Ormandi et al. 2013; Hegedus
+et al. 2021); without it a returning peer would train alone from a model
+``down_rounds`` rounds old and its neighbours would mix it back in.
 
 Rounds. Round numbers never go backwards. Models of an earlier round, a second
 model from one neighbour for one round, models of other runs, from non
@@ -81,6 +110,8 @@ from fedbus.protocols.gossip_types import (
     NeighbourJoined,
     NeighbourLost,
     PeerModelReceived,
+    PeerSnapshotReceived,
+    Rejoined,
     RoundMixed,
     SendModel,
     apply_training,
@@ -98,12 +129,15 @@ class PeerState(enum.Enum):
     WAITING_FOR_NEIGHBOURS = "waiting"
     TRAINING = "training"
     COLLECTING = "collecting"
+    SYNCING = "syncing"
     FINISHED = "finished"
     ERROR = "error"
 
 
 _P = PeerState
-_REMOTE: tuple[type[Event], ...] = (NeighbourJoined, NeighbourLost, PeerModelReceived, Tick)
+_REMOTE: tuple[type[Event], ...] = (
+    NeighbourJoined, NeighbourLost, PeerModelReceived, PeerSnapshotReceived, Rejoined, Tick,
+)  # fmt: skip
 
 
 def _row(
@@ -115,7 +149,8 @@ def _row(
     return row
 
 
-_NEXT = frozenset({_P.TRAINING, _P.FINISHED})
+_NEXT = frozenset({_P.TRAINING, _P.COLLECTING, _P.FINISHED})
+_SYNC = frozenset({_P.SYNCING}) | _NEXT
 PEER_TRANSITIONS: dict[PeerState, dict[type[Event], frozenset[PeerState]]] = {
     _P.IDLE: _row(_P.IDLE, {Started: frozenset({_P.WAITING_FOR_NEIGHBOURS, _P.TRAINING})}),
     _P.WAITING_FOR_NEIGHBOURS: _row(
@@ -127,11 +162,14 @@ PEER_TRANSITIONS: dict[PeerState, dict[type[Event], frozenset[PeerState]]] = {
         {
             TrainingDone: frozenset({_P.COLLECTING}) | _NEXT,
             TrainingFailed: frozenset({_P.COLLECTING}) | _NEXT,
+            Rejoined: _SYNC,
         },
     ),
     _P.COLLECTING: _row(
-        _P.COLLECTING, {PeerModelReceived: _NEXT, NeighbourLost: _NEXT, Tick: _NEXT}
+        _P.COLLECTING,
+        {PeerModelReceived: _NEXT, NeighbourLost: _NEXT, Tick: _NEXT, Rejoined: _SYNC},
     ),
+    _P.SYNCING: _row(_P.SYNCING, {PeerSnapshotReceived: _NEXT, NeighbourLost: _NEXT, Tick: _NEXT}),
     _P.FINISHED: _row(_P.FINISHED, {}),
     _P.ERROR: {},
 }
@@ -175,12 +213,16 @@ class GossipPeer:
         self._completed = 0
         self._joined: set[NodeId] = set()
         self._active: set[NodeId] = set(neighbours)
+        self._gone: set[NodeId] = set()  # lost (will or Leave) and not back: not sent to
+        self._ended: set[NodeId] = set()  # left cleanly after their last round
         self._missed: Counter[NodeId] = Counter()
         self._inbox: dict[NodeId, PeerModelReceived] = {}
         self._ahead: dict[NodeId, PeerModelReceived] = {}
         self._trained: dict[str, Any] = {}
         self._metrics: ScalarMap = {}
         self._rejected: Counter[str] = Counter()
+        self._snapshots: dict[NodeId, PeerSnapshotReceived] = {}
+        self._expected: set[NodeId] = set()
 
     # --- the Machine surface ----------------------------------------------
 
@@ -254,9 +296,15 @@ class GossipPeer:
                     return []
                 if self._state is PeerState.WAITING_FOR_NEIGHBOURS:
                     return self._start_round(1)
+                if self._state is PeerState.SYNCING:
+                    return self._close_sync()
                 return self._close_round()
             case NeighbourJoined():
-                return self._on_joined(event.node)
+                return self._on_joined(event)
+            case Rejoined():
+                return self._on_rejoined(event)
+            case PeerSnapshotReceived():
+                return self._on_snapshot(event)
             case NeighbourLost():
                 return self._on_lost(event)
             case PeerModelReceived():
@@ -277,16 +325,90 @@ class GossipPeer:
             return self._start_round(1)
         return []
 
-    def _on_joined(self, node: NodeId) -> list[Command]:
+    def _on_joined(self, event: NeighbourJoined) -> list[Command]:
+        node = event.node
         if node not in self._degrees:
             return []
         self._joined.add(node)
         self._active.add(node)
+        self._gone.discard(node)
         self._missed[node] = 0
-        return self._maybe_begin()
+        out: list[Command] = []
+        if event.wants_model and self._completed >= 1 and self._state is not PeerState.SYNCING:
+            out.append(
+                SendModel(round=self._completed, weights=self._weights, to=(node,),
+                          degree=len(self._degrees), sync=True)
+            )  # fmt: skip
+        return out + self._maybe_begin()
+
+    # --- rejoin sync -------------------------------------------------------------
+
+    def _on_rejoined(self, event: Rejoined) -> list[Command]:
+        if self._state not in (PeerState.TRAINING, PeerState.COLLECTING):
+            return []  # not started yet, or finished: nothing to resynchronise
+        self._set_state(PeerState.SYNCING)
+        answered = set(event.answered) & set(self._degrees)
+        self._active = set(answered)
+        self._gone = set(self._degrees) - answered  # until they are heard from
+        for node in answered:
+            self._missed[node] = 0
+        self._inbox.clear()  # models from before the absence are not mixed
+        self._trained = {}
+        self._snapshots.clear()
+        self._expected = answered
+        self._deadline = self._now + self.config.round_timeout_s
+        return self._close_sync() if not answered else []
+
+    def _on_snapshot(self, event: PeerSnapshotReceived) -> list[Command]:
+        if (
+            self._state is not PeerState.SYNCING
+            or event.run != self.run
+            or event.sender not in self._degrees
+            or weights_problem(self._weights, event.weights)
+        ):
+            return []  # unsolicited or unusable: a snapshot is only ever a hint
+        self._snapshots[event.sender] = event
+        self._active.add(event.sender)
+        self._gone.discard(event.sender)
+        if self._expected <= set(self._snapshots):
+            return self._close_sync()
+        return []
+
+    def _close_sync(self) -> list[Command]:
+        snapshots = dict(sorted(self._snapshots.items()))
+        self._snapshots.clear()
+        self._expected = set()
+        self._deadline = None
+        newest = max((m.round for m in self._ahead.values()), default=0)
+        if not snapshots:  # nobody answered: go on from our own model
+            return self._start_round(min(max(self._round, newest), self.config.total_rounds))
+        share = 1.0 / len(snapshots)
+        coefficients = {str(k): share for k in snapshots}
+        models: dict[str, Arrays] = {str(k): m.weights for k, m in snapshots.items()}
+        self._weights = mix(models, coefficients, like=self._weights)
+        done = max(m.round for m in snapshots.values())
+        if done >= self.config.total_rounds:  # the neighbours finished: so do we, in step
+            self._completed = done
+            self._set_state(PeerState.FINISHED)
+            mixed = RoundMixed(
+                round=done, weights=self._weights, mixed_with=tuple(sorted(snapshots)),
+                missing=(), coefficients=coefficients, mass=1.0, metrics={"synced": 1},
+                rejected=dict(sorted(self._rejected.items())),
+            )  # fmt: skip
+            self._rejected.clear()
+            finish = Finish(success=True, reason=f"completed {done} round(s) (synced)",
+                            completed_round=done)  # fmt: skip
+            return [mixed, finish]
+        start = max(self._round, done + 1, newest)
+        return self._start_round(min(start, self.config.total_rounds))
 
     def _on_lost(self, event: NeighbourLost) -> list[Command]:
-        if event.node not in self._active or self._state is PeerState.FINISHED:
+        if self._state is PeerState.FINISHED:
+            return []
+        self._gone.add(event.node)
+        if event.reason == "finished":
+            self._ended.add(event.node)
+        if event.node not in self._active:
             return []
         self._active.discard(event.node)
         dropped = NeighbourDropped(
@@ -300,8 +422,9 @@ class GossipPeer:
             self._rejected[reason] += 1
             return [Reject(sender=event.sender, round=event.round, reason=reason, detail=detail)]
         self._active.add(event.sender)  # a model is as good as a NeighbourJoined
+        self._gone.discard(event.sender)
         self._missed[event.sender] = 0
-        if event.round == self._round:
+        if event.round == self._round and self._state is not PeerState.SYNCING:
             self._inbox[event.sender] = event
         else:
             self._ahead[event.sender] = event
@@ -314,7 +437,7 @@ class GossipPeer:
             return NOT_NEIGHBOUR, ""
         if self._state is PeerState.FINISHED:
             return RejectReason.STALE_ROUND, f"finished after round {self._completed}"
-        open_now = self._state in (PeerState.TRAINING, PeerState.COLLECTING)
+        open_now = self._state in (PeerState.TRAINING, PeerState.COLLECTING, PeerState.SYNCING)
         if event.round < self._round or (event.round == self._round and not open_now):
             return RejectReason.STALE_ROUND, f"at round {self._round}"
         if event.round == self._round and event.sender in self._inbox:
@@ -336,7 +459,6 @@ class GossipPeer:
     # --- rounds ---------------------------------------------------------------------
 
     def _start_round(self, round_: int) -> list[Command]:
-        self._set_state(PeerState.TRAINING)
         self._deadline = None
         self._round = round_
         out: list[Command] = []
@@ -349,10 +471,12 @@ class GossipPeer:
                     self._rejected[RejectReason.STALE_ROUND] += 1
                     out.append(Reject(sender=sender, round=kept.round, reason=RejectReason.STALE_ROUND,
                                       detail=f"jumped to round {round_}"))  # fmt: skip
-        return [
-            *out,
-            Train(round=round_, weights=self._weights, config=dict(self.config.train_config)),
-        ]
+        if round_ > self.config.rounds:  # the consensus phase: mix only
+            self._metrics = {"mixing_only": 1}
+            return out + self._send_and_collect(dict(self._weights))
+        self._set_state(PeerState.TRAINING)
+        config = self.config.round_train_config(round_)
+        return [*out, Train(round=round_, weights=self._weights, config=config)]
 
     def _on_trained(self, event: TrainingDone | TrainingFailed) -> list[Command]:
         if event.round != self._round:
@@ -365,20 +489,37 @@ class GossipPeer:
             self._metrics = dict(event.metrics)
         if trained is None:  # failed or unusable: mix the untrained model, keep the graph whole
             trained, self._metrics = dict(self._weights), {"training_failed": 1}
+        return self._send_and_collect(trained)
+
+    def _send_and_collect(self, trained: dict[str, Any]) -> list[Command]:
         self._trained = trained
         self._set_state(PeerState.COLLECTING)
         self._deadline = self._now + self.config.round_timeout_s
         degree = len(self._degrees)
-        send = SendModel(
-            round=self._round, weights=trained, to=tuple(sorted(self._active)), degree=degree
-        )
+        send = SendModel(round=self._round, weights=trained, to=self._addressees(), degree=degree)
         return [send, *self._progress()]
+
+    def _addressees(self) -> tuple[NodeId, ...]:
+        """Every neighbour not known to be gone, dropped for a missed deadline included.
+
+        A neighbour that missed a deadline is no longer waited for but still
+        gets our models: its next model (of our round or a later one) brings
+        it back. Sending only to the waited-for ones would let two peers that
+        dropped each other at the same deadline never hear from each other again.
+        """
+        return tuple(sorted(set(self._degrees) - self._gone))
 
     def _outstanding(self) -> set[NodeId]:
         return self._active - set(self._inbox) - set(self._ahead)
 
+    def _alone(self) -> bool:
+        """No neighbour to mix with this round, and some are away (may come back)."""
+        return not self._active and not self._inbox and bool(self._gone - self._ended)
+
     def _progress(self) -> list[Command]:
         if self._state is PeerState.COLLECTING and not self._outstanding():
+            if self._alone():  # do not run ahead alone: give the away ones the deadline
+                return []
             return self._close_round()
         return []
 
@@ -412,10 +553,10 @@ class GossipPeer:
         self._rejected.clear()
         self._inbox.clear()
         self._completed = self._round
-        if self._completed >= self.config.rounds:
+        if self._completed >= self.config.total_rounds:
             self._set_state(PeerState.FINISHED)
             self._deadline = None
             return [*out, Finish(success=True, reason=f"completed {self._completed} round(s)",
                                  completed_round=self._completed)]  # fmt: skip
         newest = max((m.round for m in self._ahead.values()), default=0)
-        return out + self._start_round(min(max(self._round + 1, newest), self.config.rounds))
+        return out + self._start_round(min(max(self._round + 1, newest), self.config.total_rounds))

@@ -28,6 +28,8 @@ __all__ = [
     "NeighbourJoined",
     "NeighbourLost",
     "PeerModelReceived",
+    "PeerSnapshotReceived",
+    "Rejoined",
     "RoundMixed",
     "SendModel",
     "apply_training",
@@ -55,6 +57,23 @@ class GossipConfig:
         fanout: push-sum: out-neighbours sampled per step (None: all of them),
             which makes the graph time-varying.
         train_config: scalars passed to every `Train` (epochs, batch_size, lr...).
+        lr_decay: synchronous: round ``r`` trains with ``lr * lr_decay ** (r - 1)``
+            (1.0: constant). With a constant step D-PSGD keeps a consensus
+            error floor of order ``lr / spectral gap`` (Lian et al. 2017;
+            Koloskova et al. 2020, Theorem 2), so the peers never agree more
+            closely than the step lets them; a decaying step lowers that floor
+            round after round, as the decreasing step sizes of Nedic and
+            Ozdaglar (2009) make the iterates of decentralized subgradient
+            methods reach consensus.
+        final_mixing_rounds: synchronous: mixing-only rounds after the
+            ``rounds`` training rounds (no `Train`: the peer sends its current
+            model and mixes). Each one multiplies the consensus distance by at
+            most the second largest eigenvalue modulus of the mixing matrix
+            (Xiao and Boyd 2004), leaves the network average unchanged, and
+            costs one model message per directed edge, like a training round;
+            the "consensus phase" that Kong et al. (2021, "Consensus control
+            for decentralized deep learning") show closes the gap of the
+            individual models to their average.
     """
 
     rounds: int = 10
@@ -64,6 +83,21 @@ class GossipConfig:
     missed_rounds_to_drop: int = 1
     fanout: int | None = None
     train_config: ScalarMap = field(default_factory=dict)
+    lr_decay: float = 1.0
+    final_mixing_rounds: int = 0
+
+    @property
+    def total_rounds(self) -> int:
+        """Training rounds plus the final mixing-only rounds (the last round number)."""
+        return self.rounds + self.final_mixing_rounds
+
+    def round_train_config(self, round_: int) -> dict[str, bool | int | float | str]:
+        """``train_config`` for round ``round_``, its ``lr`` decayed by ``lr_decay``."""
+        config = dict(self.train_config)
+        lr = config.get("lr")
+        if self.lr_decay != 1.0 and isinstance(lr, int | float) and not isinstance(lr, bool):
+            config["lr"] = float(lr) * self.lr_decay ** (round_ - 1)
+        return config
 
     def __post_init__(self) -> None:
         for name in ("rounds", "missed_rounds_to_drop"):
@@ -82,6 +116,14 @@ class GossipConfig:
                 raise ConfigError(
                     f"must be a positive number of seconds, got {value!r}", path=f"protocol.{name}"
                 )
+        if not isinstance(self.lr_decay, int | float) or not (0.0 < self.lr_decay <= 1.0):
+            raise ConfigError(f"must be in (0, 1], got {self.lr_decay!r}", path="protocol.lr_decay")
+        final = self.final_mixing_rounds
+        if not isinstance(final, int) or isinstance(final, bool) or final < 0:
+            raise ConfigError(
+                f"must be a non-negative integer, got {final!r}",
+                path="protocol.final_mixing_rounds",
+            )
         if self.fanout is not None and (not isinstance(self.fanout, int) or self.fanout < 1):
             raise ConfigError(
                 f"must be a positive integer, got {self.fanout!r}", path="protocol.fanout"
@@ -93,9 +135,38 @@ class GossipConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NeighbourJoined(Event):
-    """A neighbour announced itself (first time or after being away)."""
+    """A neighbour announced itself (first time or after being away).
+
+    Attributes:
+        node: the neighbour.
+        wants_model: it asked (a Join, not an Ack): a synchronous peer that has
+            completed a round answers with a snapshot of its model (rejoin sync).
+    """
 
     node: NodeId
+    wants_model: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejoined(Event):
+    """The runtime is back after an absence (churn): resynchronise before training again.
+
+    Attributes:
+        answered: the neighbours that answered our Joins on reconnection; a
+            snapshot of the model of each is expected (`PeerSnapshotReceived`).
+    """
+
+    answered: frozenset[NodeId] = frozenset()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerSnapshotReceived(Event):
+    """A neighbour's current (mixed) model after its ``round``, sent for a rejoin sync."""
+
+    sender: NodeId
+    run: RunId
+    round: int
+    weights: Arrays
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,7 +207,8 @@ class PeerModelReceived(Event):
 class SendModel(Command):
     """Send ``weights`` (and push-sum ``mass``) of ``round`` to each node in ``to``.
 
-    One message per addressee; they all carry the same payload.
+    One message per addressee; they all carry the same payload. ``sync``: a
+    rejoin-sync snapshot (the model after ``round``), not a model to mix.
     """
 
     round: int
@@ -144,6 +216,7 @@ class SendModel(Command):
     to: tuple[NodeId, ...]
     degree: int
     mass: float = 1.0
+    sync: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -43,6 +43,9 @@ class ProtocolConfig(Checked):
         edge_rounds: local aggregation rounds per global round (hierarchical).
         rehome: where the clients of a dead edge go (hierarchical).
         mixing: ``metropolis`` or ``push_sum`` (gossip).
+        lr_decay: per-round multiplicative decay of ``training.lr`` (gossip,
+            metropolis): round r trains with ``lr * lr_decay ** (r - 1)``.
+        final_mixing_rounds: mixing-only rounds after ``rounds`` (gossip, metropolis).
         validators: update checks every aggregating node runs before aggregating.
     """
 
@@ -58,6 +61,8 @@ class ProtocolConfig(Checked):
     edge_rounds: int = 1
     rehome: Literal["parent", "sibling"] = "parent"
     mixing: Literal["metropolis", "push_sum"] = "metropolis"
+    lr_decay: float = 1.0
+    final_mixing_rounds: int = 0
     validators: tuple[ValidatorSpec, ...] = ()
 
     def _problems(self) -> Iterator[tuple[str, str]]:
@@ -87,6 +92,10 @@ class ProtocolConfig(Checked):
             yield "rehome", f"must be one of {', '.join(REHOME_MODES)}; got {self.rehome!r}"
         if self.mixing not in MIXINGS:
             yield "mixing", f"must be one of {', '.join(MIXINGS)}; got {self.mixing!r}"
+        if not (0.0 < self.lr_decay <= 1.0):
+            yield "lr_decay", f"must be in (0, 1], got {self.lr_decay}"
+        if self.final_mixing_rounds < 0:
+            yield "final_mixing_rounds", f"must be at least 0, got {self.final_mixing_rounds}"
         gates = [i for i, v in enumerate(self.validators) if v.kind == "validation_accuracy"]
         if len(gates) > 1:
             yield f"validators[{gates[1]}]", "validation_accuracy may be given once"
@@ -100,6 +109,11 @@ class ProtocolConfig(Checked):
                 yield "rehome", "applies only to protocol kind 'hierarchical'"
         if self.kind != "gossip" and self.mixing != "metropolis":
             yield "mixing", "applies only to protocol kind 'gossip'"
+        for name, default in (("lr_decay", 1.0), ("final_mixing_rounds", 0)):
+            if getattr(self, name) != default and (
+                self.kind != "gossip" or self.mixing != "metropolis"
+            ):
+                yield name, "applies only to protocol kind 'gossip' with mixing 'metropolis'"
         if self.kind == "hierarchical" and self.clients_per_round is not None:
             yield "clients_per_round", "not used by 'hierarchical': each edge selects a fraction"
         if self.kind == "gossip":

@@ -240,6 +240,7 @@ def _read_training(ctx: Context, node: Located | None) -> TrainingConfig:
 _PROTOCOL_KEYS = (
     "kind", "rounds", "clients_per_round", "fraction", "min_clients", "round_timeout_s",
     "join_timeout_s", "evaluate", "aggregator", "edge_rounds", "rehome", "mixing", "validators",
+    "lr_decay", "final_mixing_rounds",
 )  # fmt: skip
 
 
@@ -261,6 +262,8 @@ def _read_protocol(ctx: Context, node: Located | None, evaluate: str) -> Protoco
         edge_rounds=sec.integer("edge_rounds", 1),
         rehome=sec.text("rehome", "parent"),
         mixing=sec.text("mixing", "metropolis"),
+        lr_decay=sec.number("lr_decay", 1.0),
+        final_mixing_rounds=sec.integer("final_mixing_rounds", 0),
         validators=read_validators(ctx, sec.node("validators"), sec.at("validators")),
     )
 

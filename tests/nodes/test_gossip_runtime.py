@@ -25,6 +25,7 @@ def gossip_topology(
     graph: str = "{kind: ring}",
     round_timeout_s: float = 5,
     faults: str = "",
+    extra: str = "",
 ) -> tuple[Topology, str]:
     text = f"""
 name: gossip-test
@@ -34,7 +35,7 @@ data: {{dataset: digits, partition: {{kind: dirichlet, alpha: 0.5}}}}
 model: {{kind: mlp, hidden: [16]}}
 training: {{epochs: 1, batch_size: 16, lr: 0.05}}
 protocol: {{kind: gossip, rounds: {rounds}, mixing: {mixing}, round_timeout_s: {round_timeout_s},
-            join_timeout_s: 10}}
+            join_timeout_s: 10{extra}}}
 nodes:
   peers: {{count: {peers}}}
   graph: {graph}
@@ -100,6 +101,20 @@ async def test_churn_completes_and_every_peer_finishes() -> None:
     assert [r["round"] for r in result.rows] == list(range(1, 13))
     # Somebody was away in some round (the fault did happen).
     assert any(r["participants"] < 8 for r in result.rows)
+
+
+async def test_final_mixing_rounds_bring_the_peers_together() -> None:
+    topo, _ = gossip_topology(rounds=8, extra=", final_mixing_rounds: 8")
+    result = await run_gossip(topo, out=None)
+    assert result.success, result.reason
+    assert [r["round"] for r in result.rows] == list(range(1, 17))
+    trained, last = result.rows[7], result.rows[-1]
+    assert last["consensus_distance"] < 0.5 * trained["consensus_distance"]
+    assert last["consensus_distance"] < result.rows[0]["consensus_distance"]
+    assert (
+        last["accuracy_max"] - last["accuracy_min"]
+        <= trained["accuracy_max"] - trained["accuracy_min"]
+    )
 
 
 async def test_a_crashed_peer_is_dropped_and_the_rest_finish() -> None:

@@ -27,6 +27,8 @@ from fedbus.protocols.gossip_types import (
     NeighbourJoined,
     NeighbourLost,
     PeerModelReceived,
+    PeerSnapshotReceived,
+    Rejoined,
     RoundMixed,
     SendModel,
 )
@@ -111,6 +113,12 @@ class Network:
             for command in commands:
                 if isinstance(command, Train):
                     self.tasks[node] = command
+                elif isinstance(command, SendModel) and command.sync:
+                    for q in command.to:
+                        self.post(q, PeerSnapshotReceived(
+                            sender=NodeId(node), run=RUN, round=command.round,
+                            weights=command.weights,
+                        ))  # fmt: skip
                 elif isinstance(command, SendModel):
                     for q in command.to:
                         self.in_flight_mass += command.mass
@@ -148,6 +156,17 @@ class Network:
         self.alive.add(node)
         for q in self.adjacency[node]:
             self.post(q, NeighbourJoined(node=NodeId(node)))
+        self.flush(now)
+
+    def rejoin(self, node: str, now: float) -> None:
+        """Back from churn as the runtime does it: Rejoined, then Joins to the neighbours."""
+        self.alive.add(node)
+        self.tasks.pop(node, None)  # the training it left before is dropped
+        answered = frozenset(NodeId(q) for q in self.adjacency[node] if q in self.alive)
+        self.post(node, Rejoined(answered=answered))
+        for q in sorted(answered):
+            self.post(q, NeighbourJoined(node=NodeId(node), wants_model=True))
+            self.post(node, NeighbourJoined(node=NodeId(q)))
         self.flush(now)
 
     # --- reading ----------------------------------------------------------------

@@ -27,10 +27,13 @@ from fedbus.protocols.gossip_types import (
     GossipConfig,
     NeighbourDropped,
     NeighbourJoined,
+    NeighbourLost,
     PeerModelReceived,
+    Rejoined,
     RoundMixed,
     SendModel,
 )
+from fedbus.protocols.mixing import consensus_distance
 
 MH = GossipConfig(rounds=30, round_timeout_s=5.0, join_timeout_s=5.0)
 
@@ -117,6 +120,117 @@ def test_peer_loss_and_clean_rejoin() -> None:
     assert net.distance() < 1.0  # everyone mixed again, p3 included
 
 
+def test_final_mixing_rounds_mix_without_training_and_keep_the_average() -> None:
+    config = GossipConfig(rounds=2, final_mixing_rounds=6, round_timeout_s=5.0)
+    net = Network(ring(6), config=config)
+    mean = np.mean([m["w"] for m in net.models()], axis=0)
+    net.start(0.0)
+    distances = run_sync(net, 2)  # the two training rounds (mixing only: no bump)
+    # the consensus phase runs with no training: nothing left to finish
+    assert not net.tasks
+    assert all(net.peers[p].state is PeerState.FINISHED for p in net.peers)
+    assert all(net.mixed_rounds(p) == list(range(1, 9)) for p in net.peers)
+    assert all(len(net.of(p, Train)) == 2 for p in net.peers)
+    after_training = consensus_distance([net.of(p, RoundMixed)[1].weights for p in net.peers])
+    assert distances[0] > after_training > 0
+    assert net.distance() < 0.5 * after_training
+    np.testing.assert_allclose(np.mean([m["w"] for m in net.models()], axis=0), mean)
+    last = net.of("p0", RoundMixed)[-1]
+    assert last.round == 8
+    assert last.metrics == {"mixing_only": 1}
+    # one model per neighbour in every round, the mixing-only ones included
+    assert len(net.of("p0", SendModel)) == 8
+
+
+def test_lr_decays_per_round() -> None:
+    config = GossipConfig(rounds=3, lr_decay=0.5, train_config={"lr": 0.1, "epochs": 1})
+    net = Network(ring(3), config=config)
+    net.start(0.0)
+    run_sync(net, 3)
+    lrs = [t.config["lr"] for t in net.of("p0", Train)]
+    assert lrs == pytest.approx([0.1, 0.05, 0.025])
+    assert [t.config["epochs"] for t in net.of("p0", Train)] == [1, 1, 1]
+
+
+def test_rejoin_sync_adopts_the_neighbours_average_and_their_round() -> None:
+    config = GossipConfig(rounds=12, round_timeout_s=5.0, join_timeout_s=5.0)
+    net = Network(ring(6), config=config)
+    net.start(0.0)
+    run_sync(net, 2)
+    now = 3.0
+    net.kill("p3", now)  # away while training round 3
+    for _ in range(3):
+        net.finish_tasks(now)
+        now += 1.0
+    assert net.mixed_rounds("p2")[-1] == 5
+    expected = (net.peers["p2"].weights["w"] + net.peers["p4"].weights["w"]) / 2
+    net.rejoin("p3", now)
+    # p2 and p4 answered with snapshots of their model after round 5 (not a model to mix)
+    snaps = [c for c in net.of("p2", SendModel) if c.sync]
+    assert [(c.round, c.to) for c in snaps] == [(5, ("p3",))]
+    # p3 adopted their average, discarded its stale model, and trains round 6 from it
+    np.testing.assert_allclose(net.peers["p3"].weights["w"], expected)
+    assert net.peers["p3"].state is PeerState.TRAINING
+    assert net.peers["p3"].current_round == 6
+    assert net.tasks["p3"].round == 6
+    assert not [r for r in net.of("p2", Reject) if r.sender == "p3"]  # nothing stale was sent
+    for _ in range(8):
+        net.finish_tasks(now)
+        now += 1.0
+        net.tick(now)
+    assert all(net.peers[p].state is PeerState.FINISHED for p in net.peers)
+    assert net.mixed_rounds("p3") == [1, 2, *range(6, 13)]
+
+
+def test_a_peer_back_after_its_neighbours_finished_adopts_their_model_and_finishes() -> None:
+    config = GossipConfig(rounds=4, round_timeout_s=5.0, join_timeout_s=5.0)
+    net = Network(ring(4), config=config)
+    net.start(0.0)
+    run_sync(net, 1)
+    net.kill("p2", 2.0)
+    for i in range(4):
+        net.finish_tasks(3.0 + i)
+    assert all(net.peers[p].state is PeerState.FINISHED for p in ("p0", "p1", "p3"))
+    net.rejoin("p2", 10.0)  # finished peers still answer (the runtime lingers for it)
+    assert net.peers["p2"].state is PeerState.FINISHED
+    (last,) = net.of("p2", RoundMixed)[-1:]
+    assert last.round == 4
+    assert last.metrics == {"synced": 1}
+    assert isinstance(net.of("p2", Finish)[0], Finish)
+
+
+def test_a_rejoin_nobody_answers_goes_on_from_its_own_model() -> None:
+    peer = _peer()
+    peer.handle(Started(), now=0.0)
+    peer.handle(NeighbourJoined(node=NodeId("a")), now=0.0)
+    peer.handle(NeighbourJoined(node=NodeId("b")), now=0.0)
+    out = peer.handle(Rejoined(answered=frozenset()), now=1.0)
+    assert [type(c) for c in out] == [Train]
+    assert peer.state is PeerState.TRAINING
+
+
+def test_a_neighbour_dropped_at_a_deadline_still_gets_our_models() -> None:
+    peer = _peer()
+    peer.handle(Started(), now=0.0)
+    peer.handle(NeighbourJoined(node=NodeId("a")), now=0.0)
+    peer.handle(NeighbourJoined(node=NodeId("b")), now=0.0)
+    peer.handle(TrainingDone(round=1, weights={"w": np.ones(3)}, num_examples=1), now=1.0)
+    peer.handle(model("a", 1), now=2.0)
+    out = peer.handle(Tick(), now=10.0)  # b missed round 1: dropped, no longer waited for
+    assert any(isinstance(c, NeighbourDropped) and c.node == "b" for c in out)
+    assert "b" not in peer.active_neighbours
+    out = peer.handle(TrainingDone(round=2, weights={"w": np.ones(3)}, num_examples=1), now=11.0)
+    (send,) = [c for c in out if isinstance(c, SendModel)]
+    assert send.to == ("a", "b")  # but it still gets our model: its next one brings it back
+    peer.handle(model("b", 2), now=11.5)
+    assert "b" in peer.active_neighbours
+    # a neighbour whose will came is not sent to until it is back
+    peer.handle(NeighbourLost(node=NodeId("a"), reason="connection lost"), now=11.6)
+    out = peer.handle(TrainingDone(round=3, weights={"w": np.ones(3)}, num_examples=1), now=12.0)
+    (send,) = [c for c in out if isinstance(c, SendModel)]
+    assert send.to == ("b",)
+
+
 def _peer(**kw: Any) -> GossipPeer:
     base: dict[str, Any] = {
         "node": NodeId("me"), "run": RUN, "weights": {"w": np.zeros(3)},
@@ -199,6 +313,12 @@ def test_config_validation() -> None:
         GossipConfig(mixing="average")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         GossipConfig(fanout=0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="lr_decay"):
+            GossipConfig(lr_decay=bad)
+    with pytest.raises(ConfigError, match="final_mixing_rounds"):
+        GossipConfig(final_mixing_rounds=-1)
+    assert GossipConfig(rounds=3, final_mixing_rounds=2).total_rounds == 5
     with pytest.raises(ValueError, match="push_sum"):
         _peer(config=GossipConfig(mixing="push_sum"))
 

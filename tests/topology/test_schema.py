@@ -199,6 +199,8 @@ INVALID = [
     ("protocol.edge_rounds", 2, "protocol.edge_rounds"),
     ("protocol.rehome", "sibling", "protocol.rehome"),
     ("protocol.mixing", "push_sum", "protocol.mixing"),
+    ("protocol.lr_decay", 0.9, "protocol.lr_decay"),
+    ("protocol.final_mixing_rounds", 5, "protocol.final_mixing_rounds"),
     ("nodes.clients", 0, "nodes.clients"),
     ("nodes.clients", {"cnt": 3}, "nodes.clients.cnt"),
     ("nodes.clients", [{"id": "a/b"}], "nodes.clients[0]"),
