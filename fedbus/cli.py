@@ -172,6 +172,13 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_command(sub)
 
 
+def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Lazy like export: numpy at import, the TFLite runtime only when the command runs.
+    from fedbus.learning.tflite.predict import add_command
+
+    add_command(sub)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -190,6 +197,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], 
     _add_run,
     _add_node,
     _add_export,
+    _add_predict,
     _add_deploy,
 ]
 

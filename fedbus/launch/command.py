@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 from fedbus.errors import ConfigError, DecodeError, FedbusError
 from fedbus.launch.build import unsupported_reason
+from fedbus.launch.tflite import TfliteOptions, add_tflite_arguments
+from fedbus.launch.tflite import model_spec as tflite_model_spec
 from fedbus.nodes import Checkpoint, ServerObserver, read_checkpoint
 from fedbus.nodes.results import CHECKPOINT_FILE
 from fedbus.protocols.fedavg import RoundFailed
@@ -50,6 +52,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", metavar="DIR", help="continue the interrupted run whose results are in DIR"
     )
+    add_tflite_arguments(parser)
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +62,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="URL", help="the broker to connect to")
     parser.add_argument("--data", metavar="FILE", help="this node's own data (.npz with x, y)")
     parser.add_argument("--out", metavar="DIR", help="results folder of an aggregating node")
+    add_tflite_arguments(parser)
 
 
 def default_out(name: str) -> Path:
@@ -166,6 +170,16 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         topology = load(args.topology, rounds=args.rounds, seed=args.seed, broker_url=args.broker)
+        tflite = TfliteOptions.from_args(args)
+        if topology.protocol.kind != "centralized" and (tflite.export or tflite.serve):
+            raise UsageError(
+                "fedbus run: the TFLite flags apply to centralized runs only (for now)"
+            )
+        if tflite.export or tflite.serve:
+            try:
+                tflite_model_spec(topology)  # a factory model: refused before anything starts
+            except ConfigError as exc:
+                raise UsageError(f"fedbus run: {exc}") from exc
         if topology.protocol.kind != "centralized":
             from fedbus.launch.kinds import run_kind_command
 
@@ -201,7 +215,7 @@ def run_command(args: argparse.Namespace) -> int:
         result = asyncio.run(
             run_federation(
                 topology, out=out, base_dir=Path(args.topology).parent, topology_text=text,
-                resume=resume, observer=progress,
+                resume=resume, observer=progress, tflite=tflite,
             )
         )  # fmt: skip
     except KeyboardInterrupt:

@@ -8,7 +8,9 @@ Files:
   SHA-256 is ``model_sha256``;
 - ``plot.png``: accuracy and bytes per round (skipped without matplotlib);
 - ``checkpoint.msgpack``: the state after the last completed round, for
-  ``fedbus run --resume DIR``; ``topology.yaml``: the topology the run used.
+  ``fedbus run --resume DIR``; ``topology.yaml``: the topology the run used;
+- ``model.tflite``: with ``--export-tflite``, the newest global model as a
+  TFLite file, rewritten (atomically) after each completed round.
 
 A resumed run reopens the same folder: metrics rows after the checkpoint's
 round (written by the interrupted run after its last checkpoint) are dropped,
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,6 +38,7 @@ __all__ = [
     "CHECKPOINT_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
+    "MODEL_TFLITE_FILE",
     "PLOT_FILE",
     "ROW_KEYS",
     "SUMMARY_FILE",
@@ -47,6 +50,7 @@ __all__ = [
 METRICS_FILE: Final = "metrics.jsonl"
 SUMMARY_FILE: Final = "summary.json"
 MODEL_FILE: Final = "model.msgpack"
+MODEL_TFLITE_FILE: Final = "model.tflite"
 PLOT_FILE: Final = "plot.png"
 CHECKPOINT_FILE: Final = "checkpoint.msgpack"
 TOPOLOGY_FILE: Final = "topology.yaml"
@@ -94,10 +98,19 @@ class ResultsWriter:
         out: the folder (created if missing).
         resume_round: the checkpoint round of a resumed run; metrics rows
             after it are dropped. 0 starts a fresh ``metrics.jsonl``.
+        tflite: turns global weights into ``.tflite`` bytes (a compiled
+            template, patched; `fedbus.launch.tflite`); None exports none.
     """
 
-    def __init__(self, out: Path, *, resume_round: int = 0) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        resume_round: int = 0,
+        tflite: Callable[[Mapping[str, Any]], bytes] | None = None,
+    ) -> None:
         self.out = out
+        self.tflite = tflite
         out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         metrics = out / METRICS_FILE
@@ -134,6 +147,15 @@ class ResultsWriter:
     def checkpoint(self, checkpoint: Checkpoint) -> None:
         """Write ``checkpoint.msgpack`` atomically."""
         write_checkpoint(self.out / CHECKPOINT_FILE, checkpoint)
+
+    def export_tflite(self, weights: Mapping[str, Any]) -> None:
+        """Write ``model.tflite`` for ``weights`` atomically (no-op without an exporter).
+
+        Atomic because a board or ``fedbus predict`` may read the file while
+        the next round replaces it.
+        """
+        if self.tflite is not None:
+            atomic_write(self.out / MODEL_TFLITE_FILE, self.tflite(weights))
 
     def finish(
         self, weights: Mapping[str, Any], summary: Mapping[str, Any], *, title: str
