@@ -37,15 +37,19 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+import numpy as np
+
 from fedbus import codec
+from fedbus.codec import Segment
 from fedbus.messages import Chunk, new_message_id
 from fedbus.transport.base import publish_packet_size
 
@@ -65,6 +69,8 @@ __all__ = [
 SAFETY_MARGIN_BYTES: Final = 64
 _MAX_BIN_HEADER_GROWTH: Final = 3  # an empty bin has a 2-byte header, a large one 5 bytes
 _MESSAGE_ID_LEN: Final = len(new_message_id())
+_EMPTY_BIN: Final = b"\xc4\x00"
+_EMPTY_DATA_TAIL: Final = b"\xa4data" + _EMPTY_BIN  # key "data", then an empty bin
 
 TransferKey = tuple[str, str]
 """(sender, xfer): transfers of different senders never collide."""
@@ -116,38 +122,77 @@ class OutgoingTransfer:
     """One encoded message to be sent in chunks; builds chunk ``i`` on demand.
 
     Args:
-        payload: the encoded message.
+        payload: the encoded message, whole or as the pieces of
+            `fedbus.codec.encode_segments` (not copied; keep them unchanged).
         chunk_data: data bytes per chunk (from `max_chunk_data`).
         xfer: transfer id, unique per sender.
         run, sender, round: envelope fields of every chunk.
     """
 
-    payload: bytes
+    payload: bytes | bytearray | memoryview | Sequence[Segment]
     chunk_data: int
     xfer: str
     run: str
     sender: str
     round: int = 0
+    size: int = field(init=False)
     digest: bytes = field(init=False)
     count: int = field(init=False)
     crcs: list[int] = field(init=False)
+    _segments: list[memoryview] = field(init=False)
+    _offsets: list[int] = field(init=False)  # where each segment starts in the payload
 
     def __post_init__(self) -> None:
         if self.chunk_data < 1:
             raise ValueError("chunk_data must be positive")
-        self.count = max(1, -(-len(self.payload) // self.chunk_data))
-        view = memoryview(self.payload)
-        step = self.chunk_data
-        # One CRC pass up front: every chunk carries the digest of the table.
-        self.crcs = [zlib.crc32(view[i * step : (i + 1) * step]) for i in range(self.count)]
-        self.digest = transfer_digest(len(self.payload), self.crcs)
+        pieces = (
+            [self.payload]
+            if isinstance(self.payload, bytes | bytearray | memoryview)
+            else self.payload
+        )
+        self._segments = [v for v in (memoryview(p).cast("B") for p in pieces) if len(v)]
+        self._offsets = []
+        self.size = 0
+        for seg in self._segments:
+            self._offsets.append(self.size)
+            self.size += len(seg)
+        self.count = max(1, -(-self.size // self.chunk_data))
+        # One CRC pass up front (every chunk carries the digest of the table),
+        # across segment boundaries with zlib's running CRC.
+        crcs: list[int] = []
+        crc, room, step = 0, self.chunk_data, self.chunk_data
+        for seg in self._segments:
+            pos, n = 0, len(seg)
+            while pos < n:
+                take = min(room, n - pos)
+                crc = zlib.crc32(seg[pos : pos + take], crc)
+                pos += take
+                room -= take
+                if not room:
+                    crcs.append(crc)
+                    crc, room = 0, step
+        if room != step or not crcs:
+            crcs.append(crc)
+        self.crcs = crcs
+        self.digest = transfer_digest(self.size, self.crcs)
 
-    def chunk(self, index: int) -> Chunk:
-        """Chunk ``index`` with a fresh message id (a resend is a new message)."""
+    def _data(self, index: int) -> list[memoryview]:
+        """Views of chunk ``index``'s data bytes, one per segment it spans."""
         if not 0 <= index < self.count:
             raise IndexError(f"chunk {index} of {self.count}")
         start = index * self.chunk_data
-        data = memoryview(self.payload)[start : start + self.chunk_data]
+        end = min(start + self.chunk_data, self.size)
+        out: list[memoryview] = []
+        k = max(0, bisect.bisect_right(self._offsets, start) - 1)
+        while start < end:
+            seg, base = self._segments[k], self._offsets[k]
+            stop = min(end, base + len(seg))
+            out.append(seg[start - base : stop - base])
+            start = stop
+            k += 1
+        return out
+
+    def _chunk(self, index: int, data: memoryview) -> Chunk:
         return Chunk(
             run=self.run,
             round=self.round,
@@ -155,11 +200,43 @@ class OutgoingTransfer:
             xfer=self.xfer,
             index=index,
             count=self.count,
-            size=len(self.payload),
+            size=self.size,
             digest=self.digest,
             crc=self.crcs[index],
             data=data,
         )
+
+    def chunk(self, index: int) -> Chunk:
+        """Chunk ``index`` with a fresh message id (a resend is a new message).
+
+        Its data is a view of the payload, or a copy where the chunk spans segments.
+        """
+        parts = self._data(index)
+        data = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+        return self._chunk(index, data if parts else memoryview(b""))
+
+    def encoded_chunk(self, index: int) -> bytes:
+        """``codec.encode(self.chunk(index))``, with the data bytes copied only once.
+
+        The chunk is encoded with empty data (``data`` is its last field, so
+        the encoding ends in an empty bin); that bin's header is replaced by
+        the real one and the data follows, in one join.
+        """
+        parts = self._data(index)
+        head = codec.encode(self._chunk(index, memoryview(b"")))
+        if not head.endswith(_EMPTY_DATA_TAIL):  # a changed schema: the plain way
+            return codec.encode(self.chunk(index))
+        n = sum(len(p) for p in parts)
+        return b"".join(
+            (memoryview(head)[: -len(_EMPTY_BIN)], codec.bin_header(n), *parts),
+        )
+
+    def intact(self, index: int) -> bool:
+        """Whether chunk ``index``'s bytes still match their CRC (the payload was not changed)."""
+        crc = 0
+        for part in self._data(index):
+            crc = zlib.crc32(part, crc)
+        return crc == self.crcs[index]
 
     def chunks(self) -> Iterator[Chunk]:
         """All chunks in order, built lazily."""
@@ -219,7 +296,7 @@ class _Assembly:
     count: int
     digest: bytes
     chunk_len: int
-    buf: bytearray
+    buf: memoryview  # uninitialized (np.empty): every byte is written before it is read
     have: bytearray
     last_progress: float
     last_request: float
@@ -323,7 +400,7 @@ class Reassembler:
                 count=chunk.count,
                 digest=bytes(chunk.digest),
                 chunk_len=chunk_len,
-                buf=bytearray(chunk.size),
+                buf=np.empty(chunk.size, dtype=np.uint8).data,
                 have=bytearray(chunk.count),
                 last_progress=now,
                 last_request=now,
@@ -356,7 +433,7 @@ class Reassembler:
         self._finish(key)
         if transfer_digest(asm.size, asm.crcs) != asm.digest:
             return Fed(Status.DIGEST_MISMATCH, key)
-        return Fed(Status.COMPLETED, key, memoryview(asm.buf).toreadonly())
+        return Fed(Status.COMPLETED, key, asm.buf.toreadonly())
 
     def contiguous(self, key: TransferKey) -> int:
         """How many chunks from index 0 on are held (0 for an unknown transfer)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
@@ -24,6 +24,7 @@ import numpy.typing as npt
 from fedbus.errors import EncodeError
 
 __all__ = [
+    "ALL_SELECTED",
     "DTYPES",
     "FORMAT_VERSION",
     "MAX_NDIM",
@@ -41,6 +42,11 @@ __all__ = [
     "ModelUpdate",
     "Tensor",
     "UpdateFailure",
+    "compact_selection",
+    "confirms_join",
+    "extra_tensors",
+    "extras_from_arrays",
+    "is_selected",
     "new_message_id",
     "tensors_from_arrays",
     "tensors_to_arrays",
@@ -192,8 +198,58 @@ def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> dict[str, npt.NDArray[An
     return {name: t.array for name, t in tensors.items()}
 
 
+def extras_from_arrays(
+    extras: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, Tensor]] | msgspec.UnsetType:
+    """Wire form of named tensor sets; no sets gives `msgspec.UNSET` (the field is left out)."""
+    if not extras:
+        return msgspec.UNSET
+    return {name: tensors_from_arrays(arrays) for name, arrays in extras.items()}
+
+
+def extra_tensors(message: ModelBroadcast | ModelUpdate) -> dict[str, dict[str, npt.NDArray[Any]]]:
+    """A message's ``extras`` as numpy views ({} when the field is absent)."""
+    extras = message.extras
+    if isinstance(extras, msgspec.UnsetType):
+        return {}
+    return {name: tensors_to_arrays(tensors) for name, tensors in extras.items()}
+
+
 Tensors = Annotated[dict[Name, Tensor], msgspec.Meta(max_length=65536)]
+Extras = Annotated[dict[Name, Tensors], msgspec.Meta(max_length=16)]
+"""Further named tensor sets (SCAFFOLD's control variates): set name -> tensor table."""
 IdList = Annotated[list[Id], msgspec.Meta(max_length=1_000_000)]
+
+ALL_SELECTED: Final = "*"
+"""``selected: ["*"]`` (model, manifest): every node the sender counts as live.
+
+Issue 3: with every node selected, the full list (1,000 ids, about 12 KB, five
+times a small model) went out with every broadcast. ``*`` can never be a node
+id (ids match ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}``). A node the sender does not
+count as live may still read itself as selected; its answer is then rejected
+(``unselected``). Only an explicit listing confirms a join (`confirms_join`).
+"""
+
+
+def is_selected(node_id: str, selected: Sequence[str]) -> bool:
+    """Whether a model's or manifest's ``selected`` asks ``node_id`` to answer."""
+    return node_id in selected or ALL_SELECTED in selected
+
+
+def confirms_join(node_id: str, selected: Sequence[str]) -> bool:
+    """Whether ``selected`` names ``node_id`` itself (``*`` is no answer to a Join)."""
+    return node_id in selected
+
+
+def compact_selection(selected: Sequence[str], live: Collection[str]) -> list[str]:
+    """The wire's ``selected`` for a sender whose live nodes are ``live``.
+
+    ``["*"]`` when ``selected`` is exactly every live node (and there is at
+    least one), else the ids themselves.
+    """
+    if selected and len(selected) == len(live) and all(n in live for n in selected):
+        return [ALL_SELECTED]
+    return list(selected)
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -248,6 +304,10 @@ class ModelBroadcast(Message, frozen=True, kw_only=True, tag="model"):
     once for all subscribers, and a node not listed only keeps it.
     ``encoding`` names how ``weights`` are to be read ("dense": the tensors are
     the model itself), leaving room for compressed or masked encodings.
+    ``extras`` carries further named tensor sets, e.g. ``{"control": ...}``,
+    SCAFFOLD's server control variate; absent from the encoding unless set
+    (`msgspec.UNSET`), so messages without it keep their bytes. Read it
+    through `extra_tensors`.
     """
 
     KIND: ClassVar[str] = "model"
@@ -255,6 +315,7 @@ class ModelBroadcast(Message, frozen=True, kw_only=True, tag="model"):
     encoding: Name = "dense"
     config: SmallMap = msgspec.field(default_factory=dict)
     selected: IdList = msgspec.field(default_factory=list)
+    extras: Extras | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelUpdate(Message, frozen=True, kw_only=True, tag="update"):
@@ -263,6 +324,8 @@ class ModelUpdate(Message, frozen=True, kw_only=True, tag="update"):
     ``reply_to`` carries the id of the request (broadcast) it answers.
     ``encoding`` is "dense" (full weights) or "delta" (difference to the model
     received); later encodings (quantized, sparse, masked) get new names.
+    ``extras`` carries further named tensor sets, e.g. ``{"control": ...}``,
+    SCAFFOLD's control-variate delta; absent unless set, as on `ModelBroadcast`.
     """
 
     KIND: ClassVar[str] = "update"
@@ -271,6 +334,7 @@ class ModelUpdate(Message, frozen=True, kw_only=True, tag="update"):
     encoding: Name = "dense"
     reply_to: Annotated[str, msgspec.Meta(max_length=128)] = ""
     metrics: SmallMap = msgspec.field(default_factory=dict)
+    extras: Extras | msgspec.UnsetType = msgspec.UNSET
 
 
 class UpdateFailure(Message, frozen=True, kw_only=True, tag="update_failed"):

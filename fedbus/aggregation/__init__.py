@@ -15,6 +15,7 @@ from fedbus.aggregation.base import (
     Arrays,
     ClientUpdate,
     Validator,
+    broadcast_extras,
     cast_like,
     sorted_updates,
 )
@@ -25,6 +26,7 @@ from fedbus.aggregation.krum import Bulyan, Krum, MultiKrum
 from fedbus.aggregation.mean import FedAvg, weighted_sum
 from fedbus.aggregation.registry import AGGREGATORS, make_aggregator, register_aggregator
 from fedbus.aggregation.robust import CoordinateMedian, GeometricMedian, TrimmedMean
+from fedbus.aggregation.scaffold import Scaffold
 from fedbus.aggregation.validators import (
     VALIDATORS,
     AccuracyGate,
@@ -60,9 +62,11 @@ __all__ = [
     "NormClipping",
     "NormOutlier",
     "QFedAvg",
+    "Scaffold",
     "TrimmedMean",
     "Validator",
     "ValidatorChain",
+    "broadcast_extras",
     "cast_like",
     "make_aggregator",
     "make_validator",

@@ -40,6 +40,7 @@ __all__ = [
     "Arrays",
     "ClientUpdate",
     "Validator",
+    "broadcast_extras",
     "cast_like",
     "sorted_updates",
 ]
@@ -120,6 +121,19 @@ class Validator(Protocol):
     ) -> dict[str, str]:
         """Return ``{sender: reason}`` for each update to reject; senders not named pass."""
         ...
+
+
+def broadcast_extras(aggregator: object, global_weights: Arrays) -> dict[str, Arrays]:
+    """Tensor sets an aggregator sends down with the model ({} for most).
+
+    An aggregator that needs clients to see more than the weights (SCAFFOLD's
+    server control variate) defines ``broadcast_extras(global_weights)``; the
+    server puts its result in the broadcast's ``extras``.
+    """
+    method = getattr(aggregator, "broadcast_extras", None)
+    if method is None:
+        return {}
+    return dict(method(global_weights))
 
 
 def sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:

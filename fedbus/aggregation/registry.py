@@ -25,6 +25,7 @@ from fedbus.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedbus.aggregation.krum import Bulyan, Krum, MultiKrum
 from fedbus.aggregation.mean import FedAvg
 from fedbus.aggregation.robust import CoordinateMedian, GeometricMedian, TrimmedMean
+from fedbus.aggregation.scaffold import Scaffold
 from fedbus.errors import ConfigError
 
 __all__ = ["AGGREGATORS", "make_aggregator", "register_aggregator"]
@@ -61,6 +62,7 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
     "multi_krum": MultiKrum,
     "norm_clipping": _with_inner(NormClipping),
     "qfedavg": QFedAvg,
+    "scaffold": Scaffold,
     "trimmed_mean": TrimmedMean,
 }
 """Name -> constructor taking the spec's parameters as keyword arguments.

@@ -36,6 +36,7 @@ from fedbus.launch.build import (
     server_trainer,
 )
 from fedbus.launch.robustness import AttackPlan, server_defenses
+from fedbus.launch.tflite import TfliteOptions, client_serving, exporter
 from fedbus.learning.partition import FederationData
 from fedbus.learning.seeds import init_seed
 from fedbus.learning.trainer import Trainer
@@ -143,8 +144,13 @@ def make_server(
     observer: ServerObserver | None = None,
     topology_text: str = "",
     broker: dict[str, str] | None = None,
+    tflite: TfliteOptions | None = None,
 ) -> ServerNode:
-    """The server node of ``topology`` (fresh, or continuing ``resume``)."""
+    """The server node of ``topology`` (fresh, or continuing ``resume``).
+
+    With ``tflite.export`` the results folder also gets ``model.tflite`` after
+    each round; its template is compiled here, so an unusable model fails now.
+    """
     server_id = topology.nodes.server
     if server_id is None:
         raise ConfigError("the topology has no server", path="nodes.server")
@@ -174,7 +180,12 @@ def make_server(
         )
     results = None
     if out is not None:
-        results = ResultsWriter(out, resume_round=resume.round if resume else 0)
+        export = None
+        if tflite is not None and tflite.export:
+            export = exporter(
+                topology, machine.weights, image_shape=data.test.image_shape, int8=tflite.int8
+            )
+        results = ResultsWriter(out, resume_round=resume.round if resume else 0, tflite=export)
         results.write_topology(topology_text)
     settings = ServerSettings(
         node_id=server_id, namespace=topology.name, name=topology.name, seed=topology.seed,
@@ -195,9 +206,14 @@ def client_settings(topology: Topology, node_id: str) -> ClientSettings:
     """A client's discovery settings from the topology."""
     server = topology.nodes.server
     assert server is not None
+    # Issue 3, startup: all clients of a run join at once, and the server's Acks
+    # come back at about 1 ms per joining client here; a first wait of 0.5 s
+    # at 1,000 clients had 300-400 of them send their Join again (each
+    # answered by one more Ack), slowing round 1. 0.5 s + 1 ms per client.
+    backoff = 0.5 + 0.001 * len(topology.nodes.clients)
     return ClientSettings(
         node_id=node_id, namespace=topology.name, server_id=server, seed=topology.seed,
-        round_hint_s=min(topology.protocol.round_timeout_s, 5.0),
+        round_hint_s=min(topology.protocol.round_timeout_s, 5.0), join_backoff_s=backoff,
     )  # fmt: skip
 
 
@@ -211,6 +227,7 @@ async def run_federation(
     observer: ServerObserver | None = None,
     trainer_hook: Callable[[str, Trainer], Trainer] | None = None,
     client_grace_s: float = CLIENT_GRACE_S,
+    tflite: TfliteOptions | None = None,
 ) -> FederationResult:
     """Run ``topology`` to its end in this process; see the module docstring.
 
@@ -223,6 +240,7 @@ async def run_federation(
         observer: progress callbacks of the server.
         trainer_hook: replaces or wraps each started client's trainer (tests).
         client_grace_s: how long clients may take to see the end.
+        tflite: export ``model.tflite`` each round, and/or serve TFLite on the clients.
 
     Raises:
         ConfigError: the data, model or aggregator cannot be built.
@@ -247,12 +265,17 @@ async def run_federation(
                 client_settings(topology, info.id),
                 faults=fault_plan(topology, info.id),
                 attack=attack,
+                tflite=(
+                    client_serving(topology, trainer, int8=tflite.int8)
+                    if tflite is not None and tflite.serve
+                    else None
+                ),
             )
         assert topology.nodes.server is not None
         server = make_server(
             topology, data, bus.connect(topology.nodes.server, None),
             run_id=run_id, out=out, resume=resume, observer=observer,
-            topology_text=topology_text, broker={"kind": bus.kind, "url": bus.url},
+            topology_text=topology_text, broker={"kind": bus.kind, "url": bus.url}, tflite=tflite,
         )  # fmt: skip
         async with asyncio.TaskGroup() as tg:
             tasks = {

@@ -45,6 +45,7 @@ from fedbus.learning.partition import FederationData
 from fedbus.learning.seeds import derive_seed
 from fedbus.learning.trainer import EvalResult, FitConfig, FitResult, NamedArrays, Trainer
 from fedbus.learning.trainers import make_trainer
+from fedbus.messages import ALL_SELECTED
 from fedbus.topology import AggregatorSpec, Topology
 from fedbus.topology.robustness import AttackSpec
 
@@ -330,6 +331,8 @@ class ClientAttack:
         if not self.attack.poisons_model:
             return result
         honest = _dense(result, weights)
+        if ALL_SELECTED in selected:  # ["*"]: every live client; the simulation's clients
+            selected = tuple(self._examples)
         peers: list[Arrays] = []
         colluders = self._collusion.members if self._collusion else frozenset({self.node_id})
         chosen = set(selected) if selected else set(colluders)

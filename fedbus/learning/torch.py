@@ -13,7 +13,7 @@ in its order, names unchanged, as numpy arrays:
 
 SGD has the numpy trainer's semantics: per-epoch order from
 ``numpy.random.default_rng(config.seed)``, batches of ``batch_size``, step
-``lr * (grad + mu * (w - w_global))`` on every trainable parameter, mean
+``lr * (grad + mu * (w - w_global) + correction)`` on every trainable parameter, mean
 cross-entropy over the batch. ``torch.manual_seed(config.seed)`` is set inside
 a forked RNG state (dropout and the like are reproducible; the caller's torch
 RNG is left alone).
@@ -77,6 +77,7 @@ class TorchTrainer:
         self.train = train
         self.eval = eval
         self._template = {k: (v.shape, v.dtype) for k, v in self.module.state_dict().items()}
+        self._correction: list[torch.Tensor] | None = None  # SCAFFOLD's c - c_i, during fit
 
     def initial_weights(self, seed: int) -> NamedArrays:
         """A fresh module's weights, built under ``torch.manual_seed(seed)``."""
@@ -118,6 +119,10 @@ class TorchTrainer:
         if config.mu > 0:
             anchor = [torch.as_tensor(np.asarray(weights[n])).to(p.dtype) for n, p in named]
         params = [p for _, p in named]
+        self._correction = None
+        if config.correction is not None:
+            corr = config.correction
+            self._correction = [torch.as_tensor(np.asarray(corr[n])).to(p.dtype) for n, p in named]
         x, y = _as_tensor(self.train.x), _as_tensor(self.train.y)
         n = len(self.train)
         rng = np.random.default_rng(config.seed)
@@ -154,6 +159,8 @@ class TorchTrainer:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 if anchor is not None:
                     grad = grad + config.mu * (p - anchor[i])
+                if self._correction is not None:
+                    grad = grad + self._correction[i]
                 p.sub_(grad, alpha=config.lr)
         return float(loss.item())
 

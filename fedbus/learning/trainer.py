@@ -34,6 +34,8 @@ class FitConfig:
         lr: learning rate.
         mu: FedProx proximal coefficient; 0 is plain FedAvg.
         seed: seeds the shuffling of this run (the round and node make it unique).
+        correction: a constant added to every gradient step, by tensor name
+            (SCAFFOLD's c - c_i, `fedbus.aggregation.scaffold`); None for none.
     """
 
     epochs: int = 1
@@ -41,6 +43,7 @@ class FitConfig:
     lr: float = 0.05
     mu: float = 0.0
     seed: int = 0
+    correction: Mapping[str, npt.NDArray[Any]] | None = None
 
     def __post_init__(self) -> None:
         # Checked here so a bad ``training:`` value fails at configuration time,

@@ -3,9 +3,11 @@
 Local training is plain minibatch SGD: each epoch visits the node's examples
 in a fresh order drawn from ``numpy.random.default_rng(config.seed)``, in
 batches of ``batch_size`` (the last one may be smaller), and steps by
-``lr * (grad + mu * (w - w_global))``; ``mu`` is FedProx's proximal term and
-0 gives FedAvg. The same seed gives bit-identical weights, which is what lets
-the framework be checked against the serial reference loop.
+``lr * (grad + mu * (w - w_global) + correction)``; ``mu`` is FedProx's
+proximal term and 0 gives FedAvg; ``correction`` is SCAFFOLD's c - c_i
+(`FitConfig.correction`), absent otherwise. The same seed gives bit-identical
+weights, which is what lets the framework be checked against the serial
+reference loop.
 
 ``model:`` kinds: ``logreg``, ``mlp`` (``hidden``, default ``[32]``), ``cnn``
 (torch) and ``{factory: "pkg.mod:fn", params: {...}}``. A factory is called
@@ -140,9 +142,12 @@ class NumpyTrainer:
         loss, grads = self.model.loss_and_grads(params, xb, yb)
         lr = np.float32(config.lr)
         mu = np.float32(config.mu)
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        corr = config.correction
+        for i, (name, p, g) in enumerate(zip(self._shapes, params, grads, strict=True)):
             if anchor is not None:
                 g += mu * (p - anchor[i])
+            if corr is not None:
+                g += np.asarray(corr[name], dtype=np.float32)
             g *= lr
             p -= g
         return loss

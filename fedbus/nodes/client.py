@@ -37,14 +37,19 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from fedbus import codec, topics
 from fedbus._types import RunId
+from fedbus.aggregation.scaffold import CONTROL, client_control_update, correction
 from fedbus.learning.seeds import fit_seed
 from fedbus.learning.trainer import FitConfig, FitResult, Trainer
 from fedbus.learning.trainers import NumpyTrainer
 from fedbus.messages import (
+    ALL_SELECTED,
     Ack,
     Join,
     Leave,
@@ -52,6 +57,8 @@ from fedbus.messages import (
     ModelBroadcast,
     ModelUpdate,
     UpdateFailure,
+    extra_tensors,
+    extras_from_arrays,
     tensors_from_arrays,
     tensors_to_arrays,
 )
@@ -75,6 +82,9 @@ from fedbus.protocols.fedavg import (
 )
 from fedbus.transport.base import Transport, Will
 from fedbus.transport.messenger import Messenger
+
+if TYPE_CHECKING:
+    from fedbus.nodes.serving import TfliteServing
 
 __all__ = ["ClientNode", "ClientOutcome", "ClientSettings", "Connect", "LocalAttack"]
 
@@ -153,6 +163,9 @@ class ClientNode:
         settings: identity and discovery settings.
         faults: simulated faults; None injects none.
         attack: simulation only: forges this node's updates (an attacker); None is honest.
+        tflite: serves each global model received through a TFLite interpreter
+            (`fedbus.nodes.serving`; `predict`), and adds its local accuracy
+            to the update metrics as ``tflite_accuracy``; None serves nothing.
         clock: monotonic seconds.
     """
 
@@ -164,9 +177,12 @@ class ClientNode:
         *,
         faults: FaultPlan | None = None,
         attack: LocalAttack | None = None,
+        tflite: TfliteServing | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trainer = trainer
+        self.tflite = tflite
+        self._served_round = -1  # the round of the model `tflite` serves
         self.settings = settings
         self.id = settings.node_id
         self._connect = connect
@@ -192,6 +208,8 @@ class ClientNode:
         self._messenger: Messenger | None = None
         self._driver = Driver(self.machine, self._execute, clock=clock)
         self._work_s: dict[str, float] = {}  # kind of work -> how long it last took
+        self._control: dict[str, Any] | None = None
+        """SCAFFOLD's client control variate c_i: kept across rounds and churn, reset per run."""
 
     async def run(self) -> ClientOutcome:
         """Take part until the run finishes (or a simulated crash); never raises for errors.
@@ -283,11 +301,12 @@ class ClientNode:
             await self._cancel_tasks()
             self.machine = FedAvgClient(run=RunId(msg.run))
             driver.replace(self.machine)
+            self._control = None
             self._seen_round = 0
         if self._joined_run != msg.run and msg.state != "finished":
             self._joined_run = msg.run
             self._start_joining(RunId(msg.run), messenger)
-        if _is_selected(self.id, msg.selected):
+        if _is_selected(self.id, msg.selected, explicit=True):
             self._confirmed.set()
         self._check_faults(msg.round)
         return ManifestReceived(run=RunId(msg.run), round=msg.round, state=msg.state)
@@ -297,13 +316,34 @@ class ClientNode:
             return None
         selected = _is_selected(self.id, msg.selected)
         self._selected = msg.selected
-        if selected:
+        if _is_selected(self.id, msg.selected, explicit=True):
             self._confirmed.set()
         self._check_faults(msg.round)
+        weights = tensors_to_arrays(msg.weights)
+        if self.tflite is not None and msg.round != self._served_round:
+            # On the loop: a patch, a fresh interpreter and one batched invoke, well
+            # under a millisecond for the built-in models; never in a worker thread,
+            # since an interpreter is not thread-safe (fedbus.nodes.serving).
+            self.tflite.update(weights)
+            self._served_round = msg.round
         return ModelReceived(
-            run=RunId(msg.run), round=msg.round, weights=tensors_to_arrays(msg.weights),
-            selected=selected, config=msg.config, model_id=msg.id,
+            run=RunId(msg.run), round=msg.round, weights=weights,
+            selected=selected, config=msg.config, model_id=msg.id, extras=extra_tensors(msg),
         )  # fmt: skip
+
+    def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Logits of the newest global model for ``x``, through the TFLite interpreter.
+
+        The smallest on-board inference entry point: an application running
+        the node in its own event loop calls it between rounds.
+
+        Raises:
+            RuntimeError: the node serves no TFLite model (``tflite=None``,
+                no model received yet, or serving stopped).
+        """
+        if self.tflite is None:
+            raise RuntimeError(f"{self.id} serves no TFLite model (fedbus node --serve-tflite)")
+        return self.tflite.predict(x)
 
     def _check_faults(self, round_num: int) -> None:
         if round_num <= self._seen_round:
@@ -360,7 +400,7 @@ class ClientNode:
                     run=run, round=command.round, sender=self.id,
                     weights=tensors_from_arrays(command.weights), num_examples=command.num_examples,
                     encoding=command.encoding, reply_to=command.reply_to,
-                    metrics=_scalars(command.metrics),
+                    metrics=_scalars(command.metrics), extras=extras_from_arrays(command.extras),
                 )  # fmt: skip
                 await messenger.send(server, update)
             case SendFailure():
@@ -379,10 +419,15 @@ class ClientNode:
         try:
             if isinstance(command, Train):
                 cfg = command.config
+                server_control = command.extras.get(CONTROL)
                 fit = FitConfig(
                     epochs=int(cfg.get("epochs", 1)), batch_size=int(cfg.get("batch_size", 16)),
                     lr=float(cfg.get("lr", 0.05)), mu=float(cfg.get("mu", 0.0)),
                     seed=fit_seed(self.settings.seed, round_num, self.id),
+                    correction=(
+                        None if server_control is None
+                        else correction(server_control, self._control)
+                    ),
                 )  # fmt: skip
                 forged: FitResult | None = None
                 if self._attack is not None:
@@ -391,9 +436,18 @@ class ClientNode:
                     result = forged
                 else:
                     result = await self._timed("fit", self.trainer.fit, command.weights, fit)
+                extras = {}
+                if server_control is not None and forged is None:
+                    extras = {CONTROL: self._scaffold(command.weights, server_control, result, fit)}
+                metrics = _scalars(result.metrics)
+                served = self.tflite
+                # Only for the model this round trained from (a newer one may have come).
+                if served and served.accuracy is not None and self._served_round == round_num:
+                    metrics["tflite_accuracy"] = served.accuracy
                 event: Event = TrainingDone(
                     round=round_num, weights=dict(result.weights), num_examples=result.num_examples,
-                    metrics=_scalars(result.metrics), encoding="delta" if result.is_delta else "dense",
+                    metrics=metrics, encoding="delta" if result.is_delta else "dense",
+                    extras=extras,
                 )  # fmt: skip
             else:
                 ev = await self._timed("evaluate", self.trainer.evaluate, command.weights)
@@ -407,6 +461,31 @@ class ClientNode:
         if self._faults is not None and (delay := self._faults.delay_s(round_num)):
             await asyncio.sleep(delay)
         post(event)
+
+    def _scaffold(
+        self,
+        weights: Mapping[str, Any],
+        server_control: Mapping[str, Any],
+        result: FitResult,
+        fit: FitConfig,
+    ) -> dict[str, Any]:
+        """Update c_i after a SCAFFOLD round (option II) and return dc_i for the update.
+
+        K, the local step count, is the trainer's ``local_steps`` metric when it
+        reports one, else epochs x ceil(examples / batch size) (what the
+        built-in trainers take).
+        """
+        steps = result.metrics.get("local_steps")
+        if steps is None:
+            steps = fit.epochs * math.ceil(result.num_examples / fit.batch_size)
+        local = result.weights
+        if result.is_delta:
+            local = {n: np.asarray(weights[n]) + np.asarray(d) for n, d in local.items()}
+        self._control, delta = client_control_update(
+            global_weights=weights, local_weights=local, server_control=server_control,
+            client_control=self._control, steps=int(steps), lr=fit.lr,
+        )  # fmt: skip
+        return delta
 
     async def _timed(self, kind: str, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` in a worker thread, or inline when it is known to be tiny.
@@ -460,8 +539,11 @@ _selected_sets: dict[int, tuple[list[str], frozenset[str]]] = {}
 """id(list) -> (the list, its set), for the last few shared ``selected`` lists."""
 
 
-def _is_selected(node_id: str, selected: list[str]) -> bool:
+def _is_selected(node_id: str, selected: list[str], *, explicit: bool = False) -> bool:
     """``node_id in selected``, in O(1) for the lists every client of this process shares.
+
+    ``["*"]`` selects every node (`fedbus.messages.ALL_SELECTED`) unless
+    ``explicit``: only being named confirms a join.
 
     Why: broadcasts are decoded once per process (`fedbus.inbound.SharedDecodes`),
     so the 1,000 clients of a simulation receive the very same ``selected``
@@ -470,14 +552,14 @@ def _is_selected(node_id: str, selected: list[str]) -> bool:
     reference to the list, so its ``id`` cannot be reused while cached.
     """
     if len(selected) < 32:
-        return node_id in selected
+        return node_id in selected or (not explicit and ALL_SELECTED in selected)
     entry = _selected_sets.get(id(selected))
     if entry is None or entry[0] is not selected:
         if len(_selected_sets) >= 4:
             _selected_sets.pop(next(iter(_selected_sets)))
         entry = (selected, frozenset(selected))
         _selected_sets[id(selected)] = entry
-    return node_id in entry[1]
+    return node_id in entry[1] or (not explicit and ALL_SELECTED in entry[1])
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, bool | int | float | str]:

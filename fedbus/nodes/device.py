@@ -47,6 +47,8 @@ from fedbus.messages import (
     ModelBroadcast,
     ModelUpdate,
     UpdateFailure,
+    confirms_join,
+    is_selected,
     tensors_from_arrays,
     tensors_to_arrays,
 )
@@ -278,15 +280,15 @@ class DeviceNode:
         assert self.machine is not None
         if msg.run != self.machine.upstream.run:
             return None
-        if self.id in msg.selected:
+        if confirms_join(self.id, msg.selected):
             self._confirmed.set()
         return ManifestReceived(run=RunId(msg.run), round=msg.round, state=msg.state)
 
     def _on_model(self, msg: ModelBroadcast) -> Event | None:
         if self.machine is None or msg.run != self.machine.upstream.run:
             return None
-        selected = self.id in msg.selected
-        if selected:
+        selected = is_selected(self.id, msg.selected)
+        if confirms_join(self.id, msg.selected):
             self._confirmed.set()
         top = msg.config.get(TOP_ROUND_KEY, msg.round)
         top_round = top if isinstance(top, int) and not isinstance(top, bool) else msg.round

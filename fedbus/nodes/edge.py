@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +44,9 @@ from fedbus.messages import (
     ModelBroadcast,
     ModelUpdate,
     UpdateFailure,
+    compact_selection,
+    confirms_join,
+    is_selected,
     tensors_from_arrays,
     tensors_to_arrays,
 )
@@ -294,7 +297,7 @@ class EdgeNode:
             elif msg.run != self.run_id:
                 continue
             elif isinstance(msg, Manifest):
-                if self.id in msg.selected:
+                if confirms_join(self.id, msg.selected):
                     self._confirmed.set()
                 event = ManifestReceived(run=RunId(msg.run), round=msg.round, state=msg.state)
             elif isinstance(msg, ModelBroadcast):
@@ -303,8 +306,8 @@ class EdgeNode:
                     self._crashed = True
                     driver.stop()
                     return
-                selected = self.id in msg.selected
-                if selected:
+                selected = is_selected(self.id, msg.selected)
+                if confirms_join(self.id, msg.selected):
                     self._confirmed.set()
                 top = msg.config.get("top_round", msg.round)
                 self._top_round[msg.round] = top if isinstance(top, int) else msg.round
@@ -317,6 +320,11 @@ class EdgeNode:
 
     # -- commands ------------------------------------------------------------------------
 
+    def _compact(self, selected: Sequence[str]) -> list[str]:
+        """``["*"]`` when ``selected`` is every child live at the inner server (issue 3)."""
+        inner = self.machine.inner
+        return compact_selection(selected, inner.live_nodes if inner is not None else ())
+
     async def _execute(self, command: Command) -> bool:
         up, down = self._up, self._down
         assert up is not None
@@ -328,7 +336,8 @@ class EdgeNode:
                         run=self.run_id, round=command.round, sender=self.id,
                         id=_bounded_id(command.request_id),
                         weights=tensors_from_arrays(command.weights),
-                        config=dict(command.config), selected=list(command.selected),
+                        config=dict(command.config),
+                        selected=self._compact(command.selected),
                     ),
                     MODEL_CHANNEL,
                 )  # fmt: skip
@@ -336,7 +345,7 @@ class EdgeNode:
                 manifest = Manifest(
                     run=command.run, round=command.round, sender=self.id, state=command.state,
                     attempt=command.attempt, completed_round=command.completed_round,
-                    selected=list(command.selected),
+                    selected=self._compact(command.selected),
                 )  # fmt: skip
                 await down.broadcast(manifest, MANIFEST_CHANNEL, retain=True)
             case Reject():

@@ -44,6 +44,9 @@ from fedbus.messages import (
     ModelBroadcast,
     ModelUpdate,
     UpdateFailure,
+    compact_selection,
+    extra_tensors,
+    extras_from_arrays,
     tensors_from_arrays,
     tensors_to_arrays,
 )
@@ -282,7 +285,7 @@ class ServerNode:
                 sender=sender, run=RunId(msg.run), round=msg.round,
                 weights=tensors_to_arrays(msg.weights), num_examples=msg.num_examples,
                 encoding=msg.encoding, metrics=msg.metrics, update_id=msg.id,
-                reply_to=msg.reply_to,
+                reply_to=msg.reply_to, extras=extra_tensors(msg),
             )  # fmt: skip
         if isinstance(msg, UpdateFailure):
             return UpdateFailed(
@@ -304,7 +307,9 @@ class ServerNode:
                 message = ModelBroadcast(
                     run=self.run_id, round=command.round, sender=self.id,
                     id=command.request_id, weights=tensors_from_arrays(command.weights),
-                    config=dict(command.config), selected=list(command.selected),
+                    config=dict(command.config),
+                    selected=compact_selection(command.selected, self.machine.live_nodes),
+                    extras=extras_from_arrays(command.extras),
                 )  # fmt: skip
                 await messenger.broadcast(message, MODEL_CHANNEL)
             case PublishManifest():
@@ -325,7 +330,7 @@ class ServerNode:
                     attempt=command.attempt, completed_round=command.completed_round,
                     rounds=self.machine.config.rounds,
                     model_id=self._model_id if command.state in ("collecting", "evaluating") else "",
-                    selected=list(command.selected),
+                    selected=compact_selection(command.selected, self.machine.live_nodes),
                 )  # fmt: skip
                 await messenger.broadcast(manifest, MANIFEST_CHANNEL, retain=True)
             case Reject():
@@ -380,6 +385,8 @@ class ServerNode:
         }
         if "train_loss" in cmd.client_metrics:
             row["train_loss"] = cmd.client_metrics["train_loss"]
+        if "tflite_accuracy" in cmd.client_metrics:  # clients serving TFLite (fedbus.nodes.serving)
+            row["tflite_accuracy"] = cmd.client_metrics["tflite_accuracy"]
         total = self._bytes_base + sum(byte_counts(self.transport))
         return _Closed(row, cmd, elapsed, total)
 
@@ -414,6 +421,8 @@ class ServerNode:
                         topology=self.settings.topology_text,
                     )
                 )  # fmt: skip
+                if self._results.tflite is not None:
+                    await asyncio.to_thread(self._results.export_tflite, cmd.weights)
         self._complete_pending({})
 
     def _complete_pending(self, metrics: Mapping[str, float]) -> None:

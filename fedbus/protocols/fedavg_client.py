@@ -210,7 +210,7 @@ class FedAvgClient:
     def _train(self, model: ModelReceived) -> list[Command]:
         self._set_state(ClientState.TRAINING)
         config = {k: v for k, v in model.config.items() if k not in (TASK_KEY, EVALUATE_KEY)}
-        return [Train(round=model.round, weights=model.weights, config=config)]
+        return [Train(round=model.round, weights=model.weights, config=config, extras=model.extras)]
 
     def _on_manifest(self, event: ManifestReceived) -> list[Command]:
         out = self._newer(event.run, event.round)
@@ -258,6 +258,7 @@ class FedAvgClient:
             SendUpdate(
                 round=event.round, weights=event.weights, num_examples=event.num_examples,
                 encoding=event.encoding, metrics=metrics, reply_to=self._reply_to,
+                extras=event.extras,
             )
         )  # fmt: skip
 

@@ -76,6 +76,7 @@ from fedbus.aggregation import (
     ClientUpdate,
     FedAvg,
     Validator,
+    broadcast_extras,
 )
 from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event
@@ -374,6 +375,7 @@ class FedAvgServer:
             selected=tuple(sorted(self._selected)),
             config=config,
             request_id=f"{self.run}:{self._round}:{self._attempt}",
+            extras=broadcast_extras(self.aggregator, self._weights),
         )
 
     def _progress(self) -> list[Command]:
@@ -472,6 +474,7 @@ class FedAvgServer:
                 encoding=u.encoding,
                 metrics={k: float(v) for k, v in u.metrics.items() if _is_number(v)},
                 round=u.round,
+                extras={k: {n: np.asarray(a) for n, a in v.items()} for k, v in u.extras.items()},
             )
             for _, u in sorted(self._updates.items())
         ]

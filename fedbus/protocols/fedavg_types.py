@@ -30,6 +30,7 @@ __all__ = [
     "Evaluate",
     "EvaluationClosed",
     "EvaluationDone",
+    "ExtraArrays",
     "FedAvgConfig",
     "Finish",
     "ManifestReceived",
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 ScalarMap = Mapping[str, bool | int | float | str]
+
+ExtraArrays = Mapping[str, Arrays]
+"""Further named tensor sets riding with a model or an update (SCAFFOLD's ``control``)."""
 """Scalar config or metrics, as ModelBroadcast.config / ModelUpdate.metrics carry them."""
 
 TASK_KEY: Final = "task"
@@ -214,6 +218,7 @@ class UpdateReceived(Event):
     metrics: ScalarMap = field(default_factory=dict)
     update_id: str = ""
     reply_to: str = ""
+    extras: ExtraArrays = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -255,6 +260,7 @@ class BroadcastModel(Command):
     selected: tuple[NodeId, ...]
     config: ScalarMap
     request_id: str
+    extras: ExtraArrays = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,6 +360,7 @@ class ModelReceived(Event):
     selected: bool
     config: ScalarMap = field(default_factory=dict)
     model_id: str = ""
+    extras: ExtraArrays = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -374,6 +381,7 @@ class TrainingDone(Event):
     num_examples: int
     metrics: ScalarMap = field(default_factory=dict)
     encoding: str = "dense"
+    extras: ExtraArrays = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -411,6 +419,7 @@ class Train(Command):
     round: int
     weights: Arrays
     config: ScalarMap
+    extras: ExtraArrays = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -430,6 +439,7 @@ class SendUpdate(Command):
     encoding: str
     metrics: ScalarMap
     reply_to: str
+    extras: ExtraArrays = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

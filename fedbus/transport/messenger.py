@@ -50,7 +50,7 @@ from fedbus.inbound import (
     Publish,
     ResendRequested,
 )
-from fedbus.messages import Chunk, Message, new_message_id
+from fedbus.messages import Message, new_message_id
 from fedbus.topics import DEFAULT_PREFIX
 from fedbus.transport.base import Transport, publish_packet_size
 
@@ -243,12 +243,13 @@ class Messenger:
             TransportError: the transport failed (TransportClosed once closed).
         """
         topic = topics.directed(self.run, recipient, self.node_id, prefix=self.prefix)
-        payload = codec.encode(message)
-        if publish_packet_size(topic, len(payload)) <= self.transport.max_payload_bytes:
-            await self.transport.publish(topic, payload)
+        segments = codec.encode_segments(message)
+        size = sum(len(s) for s in segments)
+        if publish_packet_size(topic, size) <= self.transport.max_payload_bytes:
+            await self.transport.publish(topic, _joined(segments))
             self.stats.sent += 1
             return
-        transfer = self._new_transfer(payload, message.round, topic)
+        transfer = self._new_transfer(segments, message.round, topic)
         now = self._clock()
         self._cache.put(transfer, recipient, now=now)
         ob = _Outbound(transfer, recipient, SendWindow(transfer.count, now=now), asyncio.Event())
@@ -257,7 +258,7 @@ class Messenger:
         try:
             while True:
                 for index in ob.window.take():
-                    await inflight.add(self._publish_chunk(topic, transfer.chunk(index)))
+                    await inflight.add(self._publish_chunk(topic, transfer, index))
                 if ob.window.done:
                     break
                 await self._await_credit(ob, topic)
@@ -285,17 +286,18 @@ class Messenger:
                 broker retains one packet; half a transfer would be worse than none).
         """
         topic = topics.broadcast(self.run, self.node_id, channel, prefix=self.prefix)
-        payload = codec.encode(message)
-        fits = publish_packet_size(topic, len(payload)) <= self.transport.max_payload_bytes
+        segments = codec.encode_segments(message)
+        size = sum(len(s) for s in segments)
+        fits = publish_packet_size(topic, size) <= self.transport.max_payload_bytes
         if retain and not fits:
             raise ValueError(
-                f"cannot retain a {type(message).__name__} of {len(payload)} bytes on {topic!r}: "
+                f"cannot retain a {type(message).__name__} of {size} bytes on {topic!r}: "
                 "it needs chunks"
             )
         if fits:
-            await self.transport.publish(topic, payload, retain=retain)
+            await self.transport.publish(topic, _joined(segments), retain=retain)
         else:
-            transfer = self._new_transfer(payload, message.round, topic)
+            transfer = self._new_transfer(segments, message.round, topic)
             now = self._clock()
             self._cache.put(transfer, None, now=now)
             # Tracked while streaming so requests for chunks not yet sent are ignored.
@@ -305,7 +307,7 @@ class Messenger:
             try:
                 for index in range(transfer.count):
                     window.next_index = index + 1
-                    await inflight.add(self._publish_chunk(topic, transfer.chunk(index)))
+                    await inflight.add(self._publish_chunk(topic, transfer, index))
                 await inflight.drain()
             finally:
                 await inflight.cancel()
@@ -334,7 +336,9 @@ class Messenger:
 
     # -- sending helpers --------------------------------------------------------
 
-    def _new_transfer(self, payload: bytes, round_: int, topic: str) -> OutgoingTransfer:
+    def _new_transfer(
+        self, segments: list[codec.Segment], round_: int, topic: str
+    ) -> OutgoingTransfer:
         xfer = new_message_id()
         # Resends go to the requester's inbox: size chunks for the longest such topic.
         worst = topics.directed(self.run, "r" * 64, self.node_id, prefix=self.prefix)
@@ -347,10 +351,10 @@ class Messenger:
             round=round_,
             xfer=xfer,
         )
-        return OutgoingTransfer(payload, data, xfer, self.run, self.node_id, round_)
+        return OutgoingTransfer(segments, data, xfer, self.run, self.node_id, round_)
 
-    async def _publish_chunk(self, topic: str, chunk: Chunk) -> None:
-        await self.transport.publish(topic, codec.encode(chunk))
+    async def _publish_chunk(self, topic: str, transfer: OutgoingTransfer, index: int) -> None:
+        await self.transport.publish(topic, transfer.encoded_chunk(index))
         self.stats.chunks_sent += 1
 
     async def _await_credit(self, ob: _Outbound, topic: str) -> None:
@@ -372,14 +376,25 @@ class Messenger:
                     await ob.wake.wait()
             except TimeoutError:
                 if not ob.window.credited and wait_s < remaining:
-                    await self._publish_chunk(topic, ob.transfer.chunk(0))
+                    await self._publish_chunk(topic, ob.transfer, 0)
                     self.stats.probes_sent += 1
 
     async def _resend(self, requester: str, transfer: OutgoingTransfer, indices: list[int]) -> None:
         topic = topics.directed(self.run, requester, self.node_id, prefix=self.prefix)
         try:
             for index in indices:
-                await self._publish_chunk(topic, transfer.chunk(index))
+                if not transfer.intact(index):
+                    # The sender changed a tensor after sending it (the chunks are
+                    # views of its data): the receiver would drop this chunk anyway.
+                    log.warning(
+                        "%s: not resending chunk %d of %s: its data changed since it was sent",
+                        self.node_id,
+                        index,
+                        transfer.xfer,
+                    )
+                    self.stats.dropped["unanswerable_request"] += 1
+                    return
+                await self._publish_chunk(topic, transfer, index)
                 self.stats.chunks_resent += 1
         except Exception:  # a failed resend must not take the messenger down
             log.warning(
@@ -474,3 +489,10 @@ class Messenger:
                 await self._execute(self._inbound.tick(now=self._clock()))
             except TransportError:
                 return  # the receive task sees the failure and reports it
+
+
+def _joined(segments: list[codec.Segment]) -> bytes:
+    """One bytes object of an encoded message's pieces (no copy for a single bytes piece)."""
+    if len(segments) == 1 and isinstance(segments[0], bytes):
+        return segments[0]
+    return b"".join(segments)

@@ -427,7 +427,8 @@ class Client:
             return
         selected = self.id in msg["selected"]
         if selected:
-            self.confirmed = True
+            self.confirmed = True  # only being named confirms the join
+        selected = selected or "*" in msg["selected"]  # ["*"]: every live node
         if msg["round"] < self.round:
             return
         self.round = msg["round"]

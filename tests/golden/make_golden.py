@@ -167,6 +167,19 @@ def build_vectors() -> list[Vector]:
             ),
         ),
         Vector(
+            "model_all_selected.msgpack",
+            'a model broadcast that selects every live node: selected is ["*"]',
+            ModelBroadcast(
+                run=RUN,
+                round=2,
+                sender=SERVER,
+                id="0000000000000b0a",
+                weights={"w": _t([0.25, -0.5], "float32")},
+                config={"epochs": 1},
+                selected=["*"],
+            ),
+        ),
+        Vector(
             "update.msgpack",
             "a small update: one float32 tensor of two values (the worked example)",
             ModelUpdate(
@@ -178,6 +191,35 @@ def build_vectors() -> list[Vector]:
                 num_examples=3,
                 reply_to="m0",
                 metrics={"loss": 0.5},
+            ),
+        ),
+        Vector(
+            "model_extras.msgpack",
+            "a SCAFFOLD broadcast: the model plus the server control variate in extras",
+            ModelBroadcast(
+                run=RUN,
+                round=2,
+                sender=SERVER,
+                id="0000000000000b02",
+                weights={"w": _t([1.0, -0.5], "float32")},
+                config={"epochs": 1, "lr": 0.1},
+                selected=[CLIENT],
+                extras={"control": {"w": _t([0.25, -0.125], "float32")}},
+            ),
+        ),
+        Vector(
+            "update_extras.msgpack",
+            "a SCAFFOLD update: the model delta plus the control-variate delta in extras",
+            ModelUpdate(
+                run=RUN,
+                round=2,
+                sender=CLIENT,
+                id="0000000000000c02",
+                weights={"w": _t([0.5, 0.0], "float32")},
+                num_examples=4,
+                encoding="delta",
+                reply_to="0000000000000b02",
+                extras={"control": {"w": _t([-0.5, 1.0], "float32")}},
             ),
         ),
         Vector(
@@ -331,7 +373,9 @@ def describe(message: Message) -> dict[str, Any]:
     """Describe a message as its plain map: ``kind`` first, then fields in schema order."""
     out: dict[str, Any] = {"kind": message.KIND}
     for field in msgspec.structs.fields(message):
-        out[field.name] = _describe(getattr(message, field.name))
+        value = getattr(message, field.name)
+        if value is not msgspec.UNSET:  # an unset field is absent from the encoding
+            out[field.name] = _describe(value)
     return out
 
 

@@ -143,8 +143,13 @@ async def test_mosquitto_sub_and_msgpack_python_read_a_broadcast(
     # Assert: the documented topic and structure, field order included.
     assert first_topic == topics.broadcast(run, server, "model", prefix=unique_prefix)
     plain: dict[str, Any] = msgpack.unpackb(first)
-    # Every field of the schema, in its order, envelope first (wire-format section 2).
-    schema = [f.encode_name for f in msgspec.structs.fields(ModelBroadcast)]
+    # Every field of the schema, in its order, envelope first (wire-format section 2);
+    # optional fields left unset (``extras``) are left off the wire.
+    schema = [
+        f.encode_name
+        for f in msgspec.structs.fields(ModelBroadcast)
+        if f.default is not msgspec.UNSET
+    ]
     assert list(plain) == ["kind", *schema]
     assert list(plain)[: len(ENVELOPE)] == ENVELOPE
     assert {k: plain[k] for k in [*ENVELOPE, "weights", "encoding", "config"]} == {

@@ -7,6 +7,7 @@ import random
 import zlib
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ from fedbus.chunking import (
 )
 from fedbus.config import AWS_IOT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_BYTES
 from fedbus.flow import Admission, CreditGate, RecentIds, ResendCache, SendWindow
-from fedbus.messages import Chunk
+from fedbus.messages import Chunk, ModelUpdate, Tensor
 
 RUN, SENDER = "run-1", "client-7"
 
@@ -298,3 +299,80 @@ def test_recent_ids_is_a_bounded_lru() -> None:
     ids.seen(("a", "2"))
     ids.seen(("a", "3"))
     assert not ids.seen(("a", "1"))  # forgotten
+
+
+# -- segmented payloads (codec.encode_segments) ------------------------------------------
+
+
+def _segmented(sizes: list[int]) -> tuple[list[codec.Segment], bytes]:
+    rng = np.random.default_rng(sum(sizes))
+    weights = {
+        f"t{i}": Tensor.from_array(rng.random(n, dtype=np.float32)) for i, n in enumerate(sizes)
+    }
+    message = ModelUpdate(run=RUN, round=1, sender=SENDER, weights=weights, num_examples=1)
+    return codec.encode_segments(message), codec.encode(message)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.sampled_from([1, 5000, 16384, 40000]), min_size=1, max_size=4),
+    st.sampled_from([1, 7, 1000, 65536, 65537, 100_000, 1 << 20]),
+)
+def test_segmented_transfer_matches_whole_payload(sizes: list[int], chunk_data: int) -> None:
+    segments, whole = _segmented(sizes)
+    seg = OutgoingTransfer(segments, chunk_data, "x1", RUN, SENDER, 1)
+    ref = OutgoingTransfer(whole, chunk_data, "x1", RUN, SENDER, 1)
+    assert (seg.size, seg.count, seg.crcs, seg.digest) == (
+        ref.size,
+        ref.count,
+        ref.crcs,
+        ref.digest,
+    )
+    for i in range(seg.count):
+        chunk = seg.chunk(i)
+        assert bytes(chunk.data) == bytes(ref.chunk(i).data)
+        encoded = seg.encoded_chunk(i)
+        again = codec.decode(encoded)
+        assert isinstance(again, Chunk)
+        # The same bytes as the plain encoder, but for the fresh message id.
+        assert encoded == codec.encode(msgspec.structs.replace(chunk, id=again.id))
+        assert seg.intact(i)
+
+
+def test_encoded_chunks_reassemble_bit_exact() -> None:
+    segments, whole = _segmented([300_000, 3, 50_000])
+    t = OutgoingTransfer(segments, 100_000, "x2", RUN, SENDER, 1)
+    r = make_reassembler(max_bytes=1 << 22, max_message_bytes=1 << 22)
+    fed = None
+    for i in reversed(range(t.count)):
+        chunk = codec.decode(t.encoded_chunk(i))
+        assert isinstance(chunk, Chunk)
+        fed = r.feed(chunk, sender=SENDER, now=0.0)
+    assert fed is not None
+    assert fed.status is Status.COMPLETED
+    assert fed.payload is not None
+    assert bytes(fed.payload) == whole
+    assert fed.payload.readonly
+
+
+def test_empty_and_bytes_payloads_encode_like_the_codec() -> None:
+    for payload in (b"", b"abc", bytearray(b"xyz" * 1000), memoryview(bytes(2500))):
+        t = OutgoingTransfer(payload, 1000, "x3", RUN, SENDER)
+        assert t.size == len(payload)
+        for i in range(t.count):
+            encoded = t.encoded_chunk(i)
+            again = codec.decode(encoded)
+            assert isinstance(again, Chunk)
+            assert encoded == codec.encode(msgspec.structs.replace(t.chunk(i), id=again.id))
+
+
+def test_intact_notices_a_changed_tensor() -> None:
+    arr = np.zeros(100_000, dtype=np.float32)
+    message = ModelUpdate(
+        run=RUN, round=1, sender=SENDER, weights={"w": Tensor.from_array(arr)}, num_examples=1
+    )
+    t = OutgoingTransfer(codec.encode_segments(message), 100_000, "x4", RUN, SENDER, 1)
+    assert all(t.intact(i) for i in range(t.count))
+    arr[-1] = 1.0  # the transfer's segments are views of arr
+    assert not t.intact(t.count - 1)
+    assert t.intact(0)

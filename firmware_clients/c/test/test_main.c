@@ -195,7 +195,8 @@ static const char *const GOLDEN[] = {"join.msgpack",          "leave.msgpack",  
                                      "ack_rejected.msgpack",  "update_failed.msgpack",   "manifest.msgpack",
                                      "chunked_payload.msgpack", "chunk_0.msgpack",       "chunk_1.msgpack",
                                      "chunk_request.msgpack", "credit.msgpack",          "tensor_0d.msgpack",
-                                     "tensor_empty.msgpack",  "tensor_small_dtypes.msgpack", "tensor_all_dtypes.msgpack"};
+                                     "tensor_empty.msgpack",  "tensor_small_dtypes.msgpack", "tensor_all_dtypes.msgpack",
+                                     "model_all_selected.msgpack"};
 
 static fb_msg g_m, g_m2;
 
@@ -238,6 +239,11 @@ static void test_golden_fields(void) {
         CHECK(fb_table_number(&g_m.body.model.config, "lr", &lr) && lr == 0.05);
         CHECK(g_m.body.model.selected.count == 2 && fb_list_contains(&g_m.body.model.selected, fb_s("client-1")));
         CHECK(!fb_list_contains(&g_m.body.model.selected, fb_s("client-2")));
+        free(buf);
+    }
+    if ((buf = read_golden("model_all_selected.msgpack", &len)) != NULL) {
+        CHECK(fb_wire_decode(&g_m, buf, len) == FB_WIRE_OK && g_m.kind == FB_KIND_MODEL && g_m.round == 2);
+        CHECK(g_m.body.model.selected.count == 1 && fb_list_contains(&g_m.body.model.selected, fb_s("*")));
         free(buf);
     }
     if ((buf = read_golden("tensor_all_dtypes.msgpack", &len)) != NULL) {
@@ -691,7 +697,8 @@ static void test_proto(void) {
     g_m.body.model.weights.items[1].name = fb_s("dense0.b");
     g_m.body.model.weights.items[1].ndim = 1;
     fb_table_add_str(&g_m.body.model.config, "task", "evaluate");
-    CHECK(fb_list_build_str(&g_m.body.model.selected, list_buf, sizeof list_buf, sel, 2));
+    sel[0] = fb_s("*"); /* selected: ["*"], every live node */
+    CHECK(fb_list_build_str(&g_m.body.model.selected, list_buf, sizeof list_buf, sel, 1));
     feed("fedbus/demo/out/server/model", &g_m, 5000);
     CHECK(g_nsent == 7 && fb_wire_decode(&g_m, g_sent[6].payload, g_sent[6].len) == FB_WIRE_OK &&
           g_m.kind == FB_KIND_UPDATE && g_m.body.update.weights.count == 0 &&

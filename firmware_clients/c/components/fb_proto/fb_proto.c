@@ -358,8 +358,11 @@ static void on_model(fb_proto *p, const fb_msg *m) {
     fb_kind kind;
     int selected;
     if (p->state == FB_STATE_DONE || !p->run[0] || !fb_str_eq(m->run, p->run)) return;
+    /* Only being named confirms the join; ["*"] selects every node the server
+     * counts as live (wire format 5, `model`), which this node may not yet be. */
     selected = fb_list_contains(&m->body.model.selected, me);
     if (selected) p->confirmed = 1;
+    selected = selected || fb_list_contains(&m->body.model.selected, fb_s("*"));
     if (m->round < p->round) return;
     p->round = m->round;
     if (!selected || p->acted >= m->round) return;

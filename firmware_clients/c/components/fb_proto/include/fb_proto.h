@@ -9,9 +9,10 @@
  * - The run id comes from the server's retained manifest; a new run id starts
  *   a new session (fresh state, a new Join).
  * - Joins are repeated with backoff (0.5 s doubling to 8 s, 8 attempts) until
- *   the server acknowledges one or selects the node.
+ *   the server acknowledges one or names the node in a selection.
  * - Each round is acted on at most once: models of past rounds, repeats and
- *   rounds the node is not selected for are ignored. `task: "evaluate"` asks
+ *   rounds the node is not selected for are ignored; `selected: ["*"]`
+ *   selects every node (but confirms no join). `task: "evaluate"` asks
  *   for an evaluation only; `evaluate: true` evaluates before training.
  * - Training is synchronous (inside fb_proto_on_message): logistic regression,
  *   full-batch gradient descent, float32 (fb_train).

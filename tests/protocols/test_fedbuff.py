@@ -1,0 +1,217 @@
+"""FedBuff server machine: transcripts and a hypothesis state machine."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from fedbus._types import NodeId, RunId
+from fedbus.errors import ConfigError, LocalProtocolError
+from fedbus.protocols.base import Command
+from fedbus.protocols.fedavg import (
+    BroadcastModel,
+    Finish,
+    NodeJoined,
+    NodeLeft,
+    Reject,
+    Started,
+    UpdateReceived,
+)
+from fedbus.protocols.fedbuff import (
+    BufferAggregated,
+    FedBuffConfig,
+    FedBuffServer,
+    FedBuffState,
+    staleness_weight,
+)
+
+RUN = RunId("run-fb")
+
+
+def _w(*values: float) -> dict[str, np.ndarray]:
+    return {"w": np.array(values, np.float32)}
+
+
+def _update(
+    sender: str, version: int, *values: float, uid: str = "", delta: bool = True
+) -> UpdateReceived:
+    return UpdateReceived(
+        sender=NodeId(sender), run=RUN, round=version, weights=_w(*values), num_examples=1,
+        encoding="delta" if delta else "dense", update_id=uid or f"{sender}-{version}",
+    )  # fmt: skip
+
+
+def _server(**kw: object) -> FedBuffServer:
+    cfg = FedBuffConfig(**{"buffer_size": 2, "max_versions": 5, "max_staleness": 2, **kw})  # type: ignore[arg-type]
+    server = FedBuffServer(cfg, run=RUN, weights=_w(0.0, 0.0))
+    for node in ("a", "b", "c"):
+        server.handle(NodeJoined(node=NodeId(node), num_examples=1), now=0.0)
+    return server
+
+
+def _of(cmds: list[Command], kind: type) -> list:
+    return [c for c in cmds if isinstance(c, kind)]
+
+
+def test_started_broadcasts_version_zero_to_everyone() -> None:
+    server = _server()
+    out = server.handle(Started(), now=0.0)
+    (b,) = _of(out, BroadcastModel)
+    assert (b.round, b.selected) == (0, ("a", "b", "c"))
+    late = server.handle(NodeJoined(node=NodeId("d"), num_examples=1), now=1.0)
+    assert [c.selected for c in _of(late, BroadcastModel)] == [("d",)]
+
+
+def test_a_full_buffer_of_k_closes_an_aggregation() -> None:
+    server = _server()
+    server.handle(Started(), now=0.0)
+    assert server.handle(_update("a", 0, 1.0, 2.0), now=1.0) == []
+    assert server.buffered == 1
+    out = server.handle(_update("b", 0, 3.0, 0.0, delta=False), now=2.0)
+    (agg,) = _of(out, BufferAggregated)
+    # both fresh (s = 1): x + (1/2) * ([1, 2] + [3, 0])
+    assert agg.version == 1
+    assert agg.weights["w"].tolist() == [2.0, 1.0]
+    assert agg.contributors == (("a", 0, 0), ("b", 0, 0))
+    (b,) = _of(out, BroadcastModel)
+    assert b.round == 1
+    assert server.buffered == 0
+
+
+def test_stale_updates_are_discounted_by_one_over_sqrt_one_plus_staleness() -> None:
+    server = _server(server_lr=1.0)
+    server.handle(Started(), now=0.0)
+    server.handle(_update("a", 0, 1.0, 1.0), now=1.0)
+    server.handle(_update("b", 0, 1.0, 1.0), now=1.0)  # -> version 1 = [1, 1]
+    server.handle(_update("c", 0, 4.0, 0.0), now=2.0)  # staleness 1: weight 1/sqrt(2)
+    out = server.handle(_update("a", 1, 0.0, 2.0), now=3.0)  # fresh
+    (agg,) = _of(out, BufferAggregated)
+    s = 1 / math.sqrt(2)
+    np.testing.assert_allclose(agg.weights["w"], [1 + 4 * s / 2, 1 + 2 / 2], rtol=1e-6)
+    assert agg.contributors == (("a", 1, 0), ("c", 0, 1))
+    assert staleness_weight(3, 0.5) == 0.5
+
+
+def test_dense_stale_update_is_a_delta_against_the_model_it_was_trained_on() -> None:
+    server = _server(buffer_size=1)
+    server.handle(Started(), now=0.0)
+    server.handle(_update("a", 0, 1.0, 1.0), now=1.0)  # v1 = [1, 1]
+    out = server.handle(_update("b", 0, 2.0, 0.0, delta=False), now=2.0)  # delta [2, 0] vs v0
+    (agg,) = _of(out, BufferAggregated)
+    np.testing.assert_allclose(agg.weights["w"], [1 + 2 / math.sqrt(2), 1.0], rtol=1e-6)
+
+
+def test_rejections_stale_future_duplicate_unknown_and_foreign() -> None:
+    server = _server(buffer_size=1, max_staleness=1)
+    server.handle(Started(), now=0.0)
+    server.handle(_update("a", 0, 1.0, 1.0), now=1.0)  # v1
+    server.handle(_update("a", 1, 1.0, 1.0), now=1.0)  # v2: v0 is now 2 behind
+    reasons = {}
+    for name, ev in {
+        "stale": _update("b", 0, 1.0, 1.0),
+        "future": _update("b", 7, 1.0, 1.0),
+        "dup": _update("a", 1, 1.0, 1.0, uid="fresh-id"),
+        "unknown": _update("z", 2, 1.0, 1.0),
+        "foreign": UpdateReceived(sender=NodeId("b"), run=RunId("other"), round=2,
+                                  weights=_w(1, 1), num_examples=1),
+        "invalid": _update("b", 2, float("nan"), 1.0),
+    }.items():  # fmt: skip
+        (r,) = _of(server.handle(ev, now=2.0), Reject)
+        reasons[name] = r.reason
+    assert reasons == {
+        "stale": "stale_round", "future": "future_round", "dup": "duplicate",
+        "unknown": "unselected", "foreign": "foreign_run", "invalid": "invalid",
+    }  # fmt: skip
+    assert server.version == 2
+
+
+def test_finishes_after_max_versions_and_refuses_late_updates() -> None:
+    server = _server(buffer_size=1, max_versions=2)
+    server.handle(Started(), now=0.0)
+    server.handle(_update("a", 0, 1.0, 0.0), now=1.0)
+    out = server.handle(_update("b", 1, 1.0, 0.0), now=2.0)
+    assert _of(out, Finish)
+    assert not _of(out, BroadcastModel)
+    assert server.state is FedBuffState.FINISHED
+    assert _of(server.handle(_update("c", 2, 1.0, 0.0), now=3.0), Reject)
+
+
+def test_config_validation_and_misuse() -> None:
+    with pytest.raises(ConfigError, match="buffer_size"):
+        FedBuffConfig(buffer_size=0)
+    with pytest.raises(ConfigError, match="max_staleness"):
+        FedBuffConfig(max_staleness=-1)
+    with pytest.raises(ConfigError, match="server_lr"):
+        FedBuffConfig(server_lr=0.0)
+    server = _server()
+    server.handle(Started(), now=5.0)
+    with pytest.raises(LocalProtocolError):
+        server.handle(Started(), now=6.0)
+    assert server.state is FedBuffState.ERROR
+
+
+class FedBuffMachine(RuleBasedStateMachine):
+    """Random joins, leaves and updates of any version: versions never go back, nothing twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = FedBuffConfig(buffer_size=3, max_versions=1000, max_staleness=2)
+        self.server = FedBuffServer(cfg, run=RUN, weights=_w(0.0))
+        self.now = 0.0
+        self.versions: list[int] = [0]
+        self.aggregated: set[str] = set()
+        self.sent = 0
+        self.last_broadcast = 0
+        self.server.handle(Started(), now=0.0)
+
+    def _feed(self, event: object) -> list[Command]:
+        self.now += 1.0
+        out = self.server.handle(event, now=self.now)  # type: ignore[arg-type]
+        for cmd in out:
+            if isinstance(cmd, BroadcastModel):
+                # a new version goes to everyone once; re-sends (to a newcomer) repeat the newest
+                assert cmd.round >= self.last_broadcast
+                assert cmd.round == self.server.version
+                self.last_broadcast = cmd.round
+            if isinstance(cmd, BufferAggregated):
+                assert cmd.version == self.versions[-1] + 1
+                self.versions.append(cmd.version)
+                assert len(cmd.contributors) == 3
+                assert all(s <= 2 for _, _, s in cmd.contributors)
+        return out
+
+    @rule(node=st.sampled_from("abcde"))
+    def join(self, node: str) -> None:
+        self._feed(NodeJoined(node=NodeId(node), num_examples=1))
+
+    @rule(node=st.sampled_from("abcde"))
+    def leave(self, node: str) -> None:
+        self._feed(NodeLeft(node=NodeId(node)))
+
+    @rule(node=st.sampled_from("abcde"), back=st.integers(-1, 4), reuse=st.booleans())
+    def update(self, node: str, back: int, reuse: bool) -> None:
+        version = self.server.version - back
+        if version < 0:
+            return
+        uid = "u0" if reuse and self.sent else f"u{self.sent}"
+        self.sent += 1
+        buffered = self.server.buffered
+        out = self._feed(_update(node, version, 1.0, uid=uid))
+        if not _of(out, Reject):
+            assert uid not in self.aggregated
+            self.aggregated.add(uid)
+            assert self.server.buffered == (buffered + 1) % 3
+
+    @invariant()
+    def buffer_below_k(self) -> None:
+        assert self.server.buffered < 3
+        assert self.server.version == self.versions[-1]
+
+
+FedBuffMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_fedbuff_stateful = FedBuffMachine.TestCase
