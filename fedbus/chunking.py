@@ -5,7 +5,10 @@ No asyncio, no clock: callers pass ``now`` (seconds, any monotonic origin).
 Sending side: `OutgoingTransfer` wraps one encoded message and builds any of
 its `Chunk` messages on demand, as memoryview slices of the payload (the
 payload is copied only by the encoder), so a resend needs nothing but the
-payload. `max_chunk_data` says how many data bytes fit in one chunk so that the
+payload. Each chunk's CRC-32 is computed when the chunk is first built, so
+the first chunk leaves without a pass over the whole payload; only the last
+chunk carries the chunk-table digest (the others an empty bin), and building
+it computes any CRC still missing. `max_chunk_data` says how many data bytes fit in one chunk so that the
 whole PUBLISH packet stays within ``max_payload_bytes``.
 
 Receiving side: `Reassembler`. Theory of operation::
@@ -25,7 +28,9 @@ Invariants:
   DUPLICATE and changes nothing.
 - A completed payload is returned only after every chunk passed its CRC-32
   and the SHA-256 of the transfer's chunk table (`transfer_digest`: size and
-  every chunk's CRC) equals ``digest``. Hashing the table rather than the
+  every chunk's CRC) equals ``digest``. The digest is taken from any chunk
+  that carries one (the last chunk always does; others may carry an empty
+  bin); two different non-empty digests make the later chunk CORRUPT. Hashing the table rather than the
   payload keeps integrity at CRC-32 strength per chunk (TCP and the CRC
   already catch accidental damage; neither hash is a MAC) while saving a full
   SHA-256 pass over every payload on both sides, the largest CPU cost of a
@@ -136,9 +141,9 @@ class OutgoingTransfer:
     sender: str
     round: int = 0
     size: int = field(init=False)
-    digest: bytes = field(init=False)
     count: int = field(init=False)
-    crcs: list[int] = field(init=False)
+    _crcs: list[int | None] = field(init=False)  # each chunk's CRC-32, once built
+    _digest: bytes | None = field(init=False)
     _segments: list[memoryview] = field(init=False)
     _offsets: list[int] = field(init=False)  # where each segment starts in the payload
 
@@ -157,24 +162,30 @@ class OutgoingTransfer:
             self._offsets.append(self.size)
             self.size += len(seg)
         self.count = max(1, -(-self.size // self.chunk_data))
-        # One CRC pass up front (every chunk carries the digest of the table),
-        # across segment boundaries with zlib's running CRC.
-        crcs: list[int] = []
-        crc, room, step = 0, self.chunk_data, self.chunk_data
-        for seg in self._segments:
-            pos, n = 0, len(seg)
-            while pos < n:
-                take = min(room, n - pos)
-                crc = zlib.crc32(seg[pos : pos + take], crc)
-                pos += take
-                room -= take
-                if not room:
-                    crcs.append(crc)
-                    crc, room = 0, step
-        if room != step or not crcs:
-            crcs.append(crc)
-        self.crcs = crcs
-        self.digest = transfer_digest(self.size, self.crcs)
+        # No CRC pass up front: each chunk's CRC is computed when it is first
+        # built, and the digest (carried by the last chunk) once all are known.
+        self._crcs = [None] * self.count
+        self._digest = None
+
+    def crc(self, index: int) -> int:
+        """CRC-32 of chunk ``index``'s data as first built (computed now if not yet)."""
+        known = self._crcs[index] if 0 <= index < self.count else None
+        if known is None:
+            known = _crc_of(self._data(index))
+            self._crcs[index] = known
+        return known
+
+    @property
+    def crcs(self) -> list[int]:
+        """Every chunk's CRC-32, in index order (computes those not yet built)."""
+        return [self.crc(i) for i in range(self.count)]
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the chunk table (computes the CRCs not yet known)."""
+        if self._digest is None:
+            self._digest = transfer_digest(self.size, self.crcs)
+        return self._digest
 
     def _data(self, index: int) -> list[memoryview]:
         """Views of chunk ``index``'s data bytes, one per segment it spans."""
@@ -192,7 +203,9 @@ class OutgoingTransfer:
             k += 1
         return out
 
-    def _chunk(self, index: int, data: memoryview) -> Chunk:
+    def _chunk(self, index: int, data: memoryview, crc: int) -> Chunk:
+        # The digest is required only in the last chunk; the others carry an
+        # empty bin, so no chunk waits for a CRC pass over the whole payload.
         return Chunk(
             run=self.run,
             round=self.round,
@@ -201,8 +214,8 @@ class OutgoingTransfer:
             index=index,
             count=self.count,
             size=self.size,
-            digest=self.digest,
-            crc=self.crcs[index],
+            digest=self.digest if index == self.count - 1 else b"",
+            crc=crc,
             data=data,
         )
 
@@ -213,7 +226,14 @@ class OutgoingTransfer:
         """
         parts = self._data(index)
         data = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
-        return self._chunk(index, data if parts else memoryview(b""))
+        crc = self._first_crc(index, parts)
+        return self._chunk(index, data if parts else memoryview(b""), crc)
+
+    def _first_crc(self, index: int, parts: list[memoryview]) -> int:
+        known = self._crcs[index]
+        if known is None:
+            known = self._crcs[index] = _crc_of(parts)
+        return known
 
     def encoded_chunk(self, index: int) -> bytes:
         """``codec.encode(self.chunk(index))``, with the data bytes copied only once.
@@ -223,7 +243,7 @@ class OutgoingTransfer:
         the real one and the data follows, in one join.
         """
         parts = self._data(index)
-        head = codec.encode(self._chunk(index, memoryview(b"")))
+        head = codec.encode(self._chunk(index, memoryview(b""), self._first_crc(index, parts)))
         if not head.endswith(_EMPTY_DATA_TAIL):  # a changed schema: the plain way
             return codec.encode(self.chunk(index))
         n = sum(len(p) for p in parts)
@@ -233,10 +253,8 @@ class OutgoingTransfer:
 
     def intact(self, index: int) -> bool:
         """Whether chunk ``index``'s bytes still match their CRC (the payload was not changed)."""
-        crc = 0
-        for part in self._data(index):
-            crc = zlib.crc32(part, crc)
-        return crc == self.crcs[index]
+        parts = self._data(index)
+        return _crc_of(parts) == self._first_crc(index, parts)
 
     def chunks(self) -> Iterator[Chunk]:
         """All chunks in order, built lazily."""
@@ -246,10 +264,18 @@ class OutgoingTransfer:
 def transfer_digest(size: int, crcs: list[int]) -> bytes:
     """SHA-256 of a transfer's chunk table: ``size`` (8 bytes) then each CRC-32 (4 bytes).
 
-    All big-endian, CRCs in index order. Every chunk of the transfer carries it.
+    All big-endian, CRCs in index order. The last chunk of the transfer
+    carries it; the others may (or carry an empty bin).
     """
     table = size.to_bytes(8, "big") + b"".join(c.to_bytes(4, "big") for c in crcs)
     return hashlib.sha256(table).digest()
+
+
+def _crc_of(parts: list[memoryview]) -> int:
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
 
 
 def split(
@@ -294,7 +320,7 @@ class Polled:
 class _Assembly:
     size: int
     count: int
-    digest: bytes
+    digest: bytes  # empty until a chunk carrying it arrives (the last one always does)
     chunk_len: int
     buf: memoryview  # uninitialized (np.empty): every byte is written before it is read
     have: bytearray
@@ -377,6 +403,8 @@ class Reassembler:
             return Status.DUPLICATE
         if zlib.crc32(chunk.data) != chunk.crc:
             return Status.CORRUPT
+        if len(chunk.digest) != 32 and (chunk.digest or chunk.index == chunk.count - 1):
+            return Status.CORRUPT  # the schema rejects these too; built by hand, perhaps
         if key not in self._live:
             if chunk.size > self.max_message_bytes:
                 return Status.OVERSIZE
@@ -408,7 +436,9 @@ class Reassembler:
             )
             self._live[key] = asm
             self.bytes_reserved += chunk.size + chunk.count
-        elif (chunk.size, chunk.count, chunk.digest) != (asm.size, asm.count, asm.digest):
+        elif (chunk.size, chunk.count) != (asm.size, asm.count) or (
+            chunk.digest and asm.digest and chunk.digest != asm.digest
+        ):
             return Fed(Status.CORRUPT, key)
         i = chunk.index
         start = i * asm.chunk_len
@@ -417,6 +447,8 @@ class Reassembler:
             return Fed(Status.CORRUPT, key)
         if asm.have[i]:
             return Fed(Status.DUPLICATE, key)
+        if chunk.digest and not asm.digest:
+            asm.digest = bytes(chunk.digest)
         asm.buf[start : start + expected] = data
         asm.have[i] = 1
         asm.crcs[i] = chunk.crc

@@ -377,8 +377,11 @@ class Ack(Message, frozen=True, kw_only=True, tag="ack"):
 class Chunk(Message, frozen=True, kw_only=True, tag="chunk"):
     """One piece of a payload larger than the broker's packet limit.
 
-    The reassembled ``size`` bytes (SHA-256 ``digest``) are themselves one
-    encoded message. ``crc`` is the CRC-32 of this chunk's ``data``.
+    The reassembled ``size`` bytes are themselves one encoded message.
+    ``crc`` is the CRC-32 of this chunk's ``data``. ``digest`` is the SHA-256
+    of the transfer's chunk table (docs/wire-format.md section 8): required in
+    the last chunk (``index == count - 1``); any other chunk carries either
+    the same 32 bytes or an empty bin.
     """
 
     KIND: ClassVar[str] = "chunk"
@@ -386,13 +389,18 @@ class Chunk(Message, frozen=True, kw_only=True, tag="chunk"):
     index: Annotated[int, msgspec.Meta(ge=0)]
     count: Annotated[int, msgspec.Meta(ge=1)]
     size: Annotated[int, msgspec.Meta(ge=0)]
-    digest: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    digest: Annotated[bytes, msgspec.Meta(max_length=32)]  # 32 bytes, or empty (not last)
     crc: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
     data: memoryview
 
     def __post_init__(self) -> None:
         if self.index >= self.count:
             raise ValueError(f"chunk index {self.index} is not below its count {self.count}")
+        if len(self.digest) != 32 and (self.digest or self.index == self.count - 1):
+            raise ValueError(
+                f"chunk digest of {len(self.digest)} bytes: 32 required"
+                + (" in the last chunk" if self.index == self.count - 1 else ", or empty")
+            )
 
 
 class ChunkRequest(Message, frozen=True, kw_only=True, tag="chunk_request"):

@@ -203,7 +203,8 @@ def _check(kind, key, v):
             raise WireError("bad crc")
         return v
     if key == "digest":
-        if not isinstance(v, memoryview) or len(v) != 32:
+        # 32 bytes, or empty in a chunk before the last (checked with the index below)
+        if not isinstance(v, memoryview) or len(v) not in (0, 32):
             raise WireError("bad digest")
         return v
     if key == "data":
@@ -272,4 +273,6 @@ def decode(payload):
             msg[key] = [] if kind_of_empty == "list" else mp.OMap() if kind_of_empty else default
     if kind == "chunk" and not msg["index"] < msg["count"]:
         raise WireError("chunk index out of range")
+    if kind == "chunk" and msg["index"] == msg["count"] - 1 and len(msg["digest"]) != 32:
+        raise WireError("last chunk without a digest")
     return msg

@@ -11,7 +11,7 @@ import pytest
 
 from fedbus import codec
 from fedbus.errors import DecodeError, IncompatibleVersion, WireError
-from fedbus.messages import Ack, ModelUpdate, tensors_from_arrays
+from fedbus.messages import Ack, Chunk, ModelUpdate, tensors_from_arrays
 
 ENV: dict[str, Any] = {"kind": "leave", "v": 1, "run": "r", "round": 0, "sender": "a", "id": "i"}
 
@@ -216,6 +216,9 @@ def test_eight_dimensions_are_allowed() -> None:
         {"count": 0, "index": 0},
         {"digest": b"\0" * 31},
         {"digest": b"\0" * 33},
+        {"digest": b""},  # the last chunk (here the only one) must carry the digest
+        {"count": 2, "digest": b"\0"},  # a non-last chunk: 32 bytes or empty
+        {"count": 2, "digest": b"\0" * 31},
         {"crc": 2**32},
         {"crc": -1},
         {"size": -1},
@@ -236,6 +239,13 @@ def test_bad_chunks(fields: dict[str, Any]) -> None:
     assert codec.decode(_pack(**good))
     with pytest.raises(DecodeError):
         codec.decode(_pack(**{**good, **fields}))
+
+
+def test_non_last_chunk_may_carry_an_empty_digest() -> None:
+    fields = {"kind": "chunk", "xfer": "x", "index": 0, "count": 2, "size": 2, "crc": 0}
+    chunk = codec.decode(_pack(**fields, digest=b"", data=b"a"))
+    assert isinstance(chunk, Chunk)
+    assert chunk.digest == b""
 
 
 def test_deep_nesting_in_an_unknown_field_is_a_decode_error() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -172,8 +173,25 @@ def test_golden_chunks_reassemble(mp: dict[str, ModuleType]) -> None:
     assert rx.feed(c0, "client-0", 2) == chunk.COMPLETED
     assert bytes(rx.buf) == payload
     assert rx.feed(c0, "client-0", 3) == chunk.DUPLICATE
+    # chunk 0 carries an empty digest, the last chunk the digest; in order too
+    assert bytes(c0["digest"]) == b""
+    rx = chunk.Rx(4096)
+    assert rx.feed(c0, "client-0", 0) == chunk.ACCEPTED
+    assert rx.feed(c1, "client-0", 1) == chunk.COMPLETED
+    assert bytes(rx.buf) == payload
+    # two different digests in one transfer: the later chunk is corrupt
+    rx = chunk.Rx(4096)
+    assert rx.feed(c1, "client-0", 0) == chunk.ACCEPTED
+    assert rx.feed(dict(c0, digest=memoryview(bytes(32))), "client-0", 1) == chunk.CORRUPT
+    assert rx.feed(dict(c0, digest=c1["digest"]), "client-0", 2) == chunk.COMPLETED
+    # the wire rejects a last chunk without a digest, and other lengths
+    raw = msgpack.unpackb((GOLDEN / "chunk_1.msgpack").read_bytes())
+    for n in (0, 1, 31, 33):
+        with pytest.raises(wire.WireError):
+            wire.decode(msgpack.packb({**raw, "digest": bytes(n)}))
+    # the MicroPython sender keeps the digest in every chunk (still valid)
     tx = chunk.Tx(payload, len(c0["data"]), "xfer-1")
-    assert tx.digest == bytes(c0["digest"])
+    assert tx.digest == bytes(c1["digest"]) == bytes(tx.body(0)["digest"])
     assert tx.crcs == [c0["crc"], c1["crc"]]
     # a corrupt chunk is refused
     flipped = bytearray(c0["data"])

@@ -86,12 +86,18 @@ def _chunk_pair() -> tuple[Vector, Vector, Vector]:
         zlib.crc32(p).to_bytes(4, "big") for p in pieces
     )
     digest = hashlib.sha256(table).digest()
+    last = len(pieces) - 1
     chunks = tuple(
         Vector(
             file=f"chunk_{i}.msgpack",
             description=(
                 f"chunk {i} of 2 of transfer xfer-1; the data of both chunks, "
-                "concatenated, is chunked_payload.msgpack"
+                "concatenated, is chunked_payload.msgpack; "
+                + (
+                    "the last chunk carries the chunk-table digest"
+                    if i == last
+                    else "a chunk before the last may carry an empty digest"
+                )
             ),
             message=Chunk(
                 run=RUN,
@@ -102,7 +108,7 @@ def _chunk_pair() -> tuple[Vector, Vector, Vector]:
                 index=i,
                 count=len(pieces),
                 size=len(payload),
-                digest=digest,
+                digest=digest if i == last else b"",
                 crc=zlib.crc32(piece),
                 data=memoryview(piece),
             ),

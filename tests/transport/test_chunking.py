@@ -84,7 +84,8 @@ def test_split_is_views_and_complete() -> None:
     table = len(payload).to_bytes(8, "big") + b"".join(
         zlib.crc32(payload[i : i + 1000]).to_bytes(4, "big") for i in range(0, len(payload), 1000)
     )
-    assert all(c.digest == hashlib.sha256(table).digest() for c in chunks)
+    # Only the last chunk carries the chunk-table digest (wire format section 8).
+    assert [c.digest for c in chunks] == [b"", b"", hashlib.sha256(table).digest()]
     assert len({c.id for c in chunks}) == 3  # one message id per chunk
     assert chunks_of(b"", 10)[0].count == 1
 
@@ -194,6 +195,79 @@ def test_digest_mismatch_fails_the_transfer() -> None:
     assert r.feed(wrong[1], sender=SENDER, now=0.0).status is Status.DIGEST_MISMATCH
     assert len(r) == 0
     assert r.bytes_reserved == 0
+
+
+def test_digest_is_taken_from_whichever_chunk_carries_it() -> None:
+    payload = bytes(range(256)) * 20
+    chunks = [wire(c) for c in chunks_of(payload, 1000)]
+    assert [len(c.digest) for c in chunks] == [0, 0, 0, 0, 0, 32]
+    for order in (range(6), [5, 0, 1, 2, 3, 4], [2, 5, 4, 0, 3, 1]):
+        r = make_reassembler()
+        feds = [r.feed(chunks[i], sender=SENDER, now=0.0) for i in order]
+        assert [f.status for f in feds] == [Status.ACCEPTED] * 5 + [Status.COMPLETED]
+        assert feds[-1].payload == payload
+    # Senders may still put the digest in every chunk.
+    digest = chunks[-1].digest
+    r = make_reassembler()
+    feds = [
+        r.feed(msgspec.structs.replace(c, digest=digest), sender=SENDER, now=0.0) for c in chunks
+    ]
+    assert feds[-1].status is Status.COMPLETED
+
+
+def test_two_different_digests_are_corrupt() -> None:
+    chunks = chunks_of(bytes(3000), 1000)
+    other = bytes(range(32))
+    r = make_reassembler()
+    assert (
+        r.feed(msgspec.structs.replace(chunks[0], digest=other), sender=SENDER, now=0.0).status
+        is Status.ACCEPTED
+    )
+    assert r.feed(chunks[1], sender=SENDER, now=0.0).status is Status.ACCEPTED
+    assert r.feed(chunks[2], sender=SENDER, now=0.0).status is Status.CORRUPT
+    assert r.missing(("client-7", "x1")) == [2]
+    # The other way round: the last chunk first, then a non-last one that disagrees.
+    r = make_reassembler()
+    assert r.feed(chunks[2], sender=SENDER, now=0.0).status is Status.ACCEPTED
+    bad = msgspec.structs.replace(chunks[0], digest=other)
+    assert r.feed(bad, sender=SENDER, now=0.0).status is Status.CORRUPT
+
+
+def test_wrong_digest_in_last_chunk_fails_the_transfer() -> None:
+    chunks = chunks_of(bytes(2000), 1000)
+    r = make_reassembler()
+    assert r.feed(chunks[0], sender=SENDER, now=0.0).status is Status.ACCEPTED
+    wrong = msgspec.structs.replace(chunks[1], digest=bytes(32))
+    assert r.feed(wrong, sender=SENDER, now=0.0).status is Status.DIGEST_MISMATCH
+
+
+def test_digest_lengths_other_than_0_or_32_are_rejected() -> None:
+    chunks = chunks_of(bytes(2000), 1000)
+    with pytest.raises(ValueError, match="digest"):
+        msgspec.structs.replace(chunks[1], digest=b"")  # required in the last chunk
+    for n in (1, 31, 33):
+        with pytest.raises(ValueError, match="digest"):
+            msgspec.structs.replace(chunks[0], digest=bytes(n))
+    for c in chunks:  # and on the wire
+        raw = msgspec.msgpack.decode(codec.encode(c))
+        for n in [1, 31, 33] if c.index == 0 else [0, 1, 31, 33]:
+            with pytest.raises(codec.DecodeError):
+                codec.decode(msgspec.msgpack.encode({**raw, "digest": bytes(n)}))
+
+
+def test_sender_computes_crcs_as_it_builds_chunks() -> None:
+    payload = bytes(range(256)) * 40
+    t = OutgoingTransfer(payload, 1000, "x1", RUN, SENDER)
+    assert t._crcs == [None] * t.count  # no pass over the payload up front
+    first = codec.decode(t.encoded_chunk(0))
+    assert isinstance(first, Chunk)
+    assert first.digest == b""
+    assert first.crc == zlib.crc32(payload[:1000])
+    assert t._crcs[1:] == [None] * (t.count - 1)
+    last = t.chunk(t.count - 1)  # computes the CRCs still missing
+    assert last.digest == chunks_of(payload, 1000)[-1].digest
+    assert None not in t._crcs
+    assert t.chunk(0).digest == b""  # resends of non-last chunks stay as they were
 
 
 def test_size_limits_refuse_without_allocating() -> None:

@@ -338,7 +338,7 @@ static void dump(const fb_msg *m) {
         printf("%llu", (unsigned long long)m->body.chunk.size);
         K("digest");
         fputs("{\"$bin\": ", stdout);
-        j_hex(m->body.chunk.digest, 32);
+        j_hex(m->body.chunk.digest, m->body.chunk.digest ? 32 : 0);
         putchar('}');
         K("crc");
         printf("%lu", (unsigned long)m->body.chunk.crc);

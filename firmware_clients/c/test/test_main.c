@@ -384,11 +384,45 @@ static void test_golden_chunks(void) {
     fb_rx rx;
     uint8_t digest[32];
     if (!c0 || !c1 || !payload) return;
-    /* digest and CRCs */
+    /* digest and CRCs: chunk 0 carries an empty digest, the last chunk the digest */
     CHECK(fb_wire_decode(&g_m, c0, l0) == FB_WIRE_OK);
     CHECK(fb_crc32(g_m.body.chunk.data, g_m.body.chunk.data_len) == g_m.body.chunk.crc);
+    CHECK(g_m.body.chunk.digest == NULL);
     fb_chunk_digest_of_payload(payload, lp, g_m.body.chunk.data_len, digest);
-    CHECK(memcmp(digest, g_m.body.chunk.digest, 32) == 0);
+    CHECK(fb_wire_decode(&g_m, c1, l1) == FB_WIRE_OK);
+    CHECK(g_m.body.chunk.digest != NULL && memcmp(digest, g_m.body.chunk.digest, 32) == 0);
+    /* in order: the digest arrives with the last chunk */
+    fb_rx_init(&rx, buf, sizeof buf, bitmap, 64);
+    CHECK(fb_wire_decode(&g_m, c0, l0) == FB_WIRE_OK);
+    CHECK(fb_rx_feed(&rx, &g_m, fb_s("client-0"), 0) == FB_RX_ACCEPTED);
+    CHECK(fb_wire_decode(&g_m, c1, l1) == FB_WIRE_OK);
+    CHECK(fb_rx_feed(&rx, &g_m, fb_s("client-0"), 1) == FB_RX_COMPLETED);
+    CHECK(rx.size == lp && memcmp(buf, payload, lp) == 0);
+    /* a non-last chunk carrying a different digest is corrupt */
+    fb_rx_init(&rx, buf, sizeof buf, bitmap, 64);
+    CHECK(fb_wire_decode(&g_m, c1, l1) == FB_WIRE_OK);
+    CHECK(fb_rx_feed(&rx, &g_m, fb_s("client-0"), 0) == FB_RX_ACCEPTED);
+    CHECK(fb_wire_decode(&g_m, c0, l0) == FB_WIRE_OK);
+    {
+        uint8_t other[32];
+        memset(other, 7, sizeof other);
+        g_m.body.chunk.digest = other;
+        CHECK(fb_rx_feed(&rx, &g_m, fb_s("client-0"), 1) == FB_RX_CORRUPT);
+        /* the same digest in a non-last chunk stays valid */
+        g_m.body.chunk.digest = digest;
+        CHECK(fb_rx_feed(&rx, &g_m, fb_s("client-0"), 2) == FB_RX_COMPLETED);
+    }
+    /* a last chunk without a digest does not decode */
+    {
+        uint8_t *enc = malloc(l1 + 64);
+        size_t n = 0;
+        CHECK(enc != NULL);
+        CHECK(fb_wire_decode(&g_m, c1, l1) == FB_WIRE_OK);
+        g_m.body.chunk.digest = NULL;
+        CHECK(fb_wire_encode(&g_m, enc, l1 + 64, &n) == FB_WIRE_OK);
+        CHECK(fb_wire_decode(&g_m, enc, n) == FB_WIRE_EMALFORMED);
+        free(enc);
+    }
     /* reassembly out of order, with duplicates */
     fb_rx_init(&rx, buf, sizeof buf, bitmap, 64);
     CHECK(fb_wire_decode(&g_m, c1, l1) == FB_WIRE_OK);

@@ -267,19 +267,24 @@ fb_rx_status fb_rx_feed(fb_rx *rx, const fb_msg *m, fb_str sender, uint64_t now_
         rx->size = m->body.chunk.size;
         rx->count = (uint32_t)m->body.chunk.count;
         rx->chunk_len = len;
-        memcpy(rx->digest, m->body.chunk.digest, 32);
+        rx->has_digest = 0; /* taken below from the first chunk that carries it */
         rx->received = 0;
         rx->requests = 0;
         rx->last_progress_ms = rx->last_request_ms = now_ms;
         memset(rx->have, 0, (rx->count + 7) / 8);
     }
-    if (m->body.chunk.count != rx->count || m->body.chunk.size != rx->size ||
-        memcmp(m->body.chunk.digest, rx->digest, 32) != 0)
+    if (m->body.chunk.count != rx->count || m->body.chunk.size != rx->size) return FB_RX_CORRUPT;
+    /* two different digests in one transfer: the later chunk is corrupt */
+    if (m->body.chunk.digest && rx->has_digest && memcmp(m->body.chunk.digest, rx->digest, 32) != 0)
         return FB_RX_CORRUPT;
     start = (size_t)index * rx->chunk_len;
     expected = rx->size - start < rx->chunk_len ? (size_t)(rx->size - start) : rx->chunk_len;
     if (m->body.chunk.data_len != expected) return FB_RX_CORRUPT;
     if (has(rx, (uint32_t)index)) return FB_RX_DUPLICATE;
+    if (m->body.chunk.digest && !rx->has_digest) {
+        memcpy(rx->digest, m->body.chunk.digest, 32);
+        rx->has_digest = 1;
+    }
     memcpy(rx->buf + start, m->body.chunk.data, expected);
     rx->have[index >> 3] |= (uint8_t)(1u << (index & 7));
     rx->received++;
@@ -291,7 +296,7 @@ fb_rx_status fb_rx_feed(fb_rx *rx, const fb_msg *m, fb_str sender, uint64_t now_
     {
         uint8_t digest[32];
         fb_chunk_digest_of_payload(rx->buf, (size_t)rx->size, rx->chunk_len, digest);
-        if (memcmp(digest, rx->digest, 32) != 0) return FB_RX_DIGEST_MISMATCH;
+        if (!rx->has_digest || memcmp(digest, rx->digest, 32) != 0) return FB_RX_DIGEST_MISMATCH;
     }
     return FB_RX_COMPLETED;
 }

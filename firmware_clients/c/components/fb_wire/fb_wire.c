@@ -345,7 +345,10 @@ void fb_wire_write(fb_mp_writer *w, const fb_msg *m) {
         w_key(w, "size");
         fb_mp_write_uint(w, m->body.chunk.size);
         w_key(w, "digest");
-        fb_mp_write_bin(w, m->body.chunk.digest, 32);
+        {
+            static const uint8_t none[1] = {0};
+            fb_mp_write_bin(w, m->body.chunk.digest ? m->body.chunk.digest : none, m->body.chunk.digest ? 32 : 0);
+        }
         w_key(w, "crc");
         fb_mp_write_uint(w, m->body.chunk.crc);
         w_key(w, "data");
@@ -588,7 +591,8 @@ static int d_body_field(dec *d, fb_msg *m, fb_str key, uint32_t *seen) {
         if (F("digest", 4)) {
             uint32_t n;
             if (!fb_mp_read_bin(&d->r, &m->body.chunk.digest, &n)) return 0;
-            return n == 32 ? 1 : bad(d);
+            if (n == 0) m->body.chunk.digest = NULL; /* allowed before the last chunk */
+            return n == 32 || n == 0 ? 1 : bad(d);
         }
         if (F("crc", 5)) {
             uint64_t c;
@@ -697,6 +701,8 @@ int fb_wire_decode(fb_msg *m, const uint8_t *payload, size_t len) {
     }
     if (m->kind == FB_KIND_CHUNK) {
         if (m->body.chunk.count < 1 || m->body.chunk.index >= m->body.chunk.count) return FB_WIRE_EMALFORMED;
+        /* the last chunk must carry the chunk-table digest */
+        if (!m->body.chunk.digest && m->body.chunk.index == m->body.chunk.count - 1) return FB_WIRE_EMALFORMED;
     }
     return FB_WIRE_OK;
 }

@@ -93,7 +93,8 @@ typedef struct {
     uint64_t size;
     uint32_t count;
     size_t chunk_len;
-    uint8_t digest[32];
+    uint8_t digest[32]; /* valid once has_digest: from the first chunk carrying one */
+    uint8_t has_digest;
     uint32_t received;
     uint64_t last_progress_ms;
     uint64_t last_request_ms;

@@ -159,7 +159,7 @@ typedef struct {
             uint64_t index;
             uint64_t count;
             uint64_t size;
-            const uint8_t *digest; /* 32 bytes */
+            const uint8_t *digest; /* 32 bytes; NULL: an empty bin (only before the last chunk) */
             uint32_t crc;
             const uint8_t *data;
             uint32_t data_len;
