@@ -106,11 +106,12 @@ from fedbus.protocols.fedavg_types import (
 )
 from fedbus.protocols.metrics import federated_metrics, training_metrics
 from fedbus.protocols.selection import select_nodes, selection_size
+from fedbus.protocols.timed import DeadlineFirst
 
 __all__ = ["TRANSITIONS", "FedAvgServer", "ServerState"]
 
 
-class FedAvgServer:
+class FedAvgServer(DeadlineFirst):
     """The central FedAvg server as a sans-IO machine (see the module docstring).
 
     Args:
@@ -207,27 +208,11 @@ class FedAvgServer:
         """The join, round or evaluation deadline in force, if any."""
         return self._deadline
 
-    def handle(self, event: Event, *, now: float) -> list[Command]:
-        """Handle one event at time ``now``; an expired deadline is handled first.
+    def _in_error(self) -> bool:
+        return self._state is ServerState.ERROR
 
-        Raises:
-            LocalProtocolError: illegal event for the state, time went
-                backwards, or the machine is already in ERROR.
-        """
-        if self._state is ServerState.ERROR:
-            raise LocalProtocolError("the server machine is in ERROR and accepts nothing")
-        try:
-            if now < self._now:
-                raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
-            self._now = now
-            out: list[Command] = []
-            if self._deadline is not None and now >= self._deadline:
-                out += self._dispatch(Tick())
-            return out + self._dispatch(event)
-        except LocalProtocolError:
-            self._state = ServerState.ERROR
-            self._deadline = None
-            raise
+    def _enter_error(self) -> None:
+        self._state = ServerState.ERROR
 
     # --- dispatch ------------------------------------------------------------
 

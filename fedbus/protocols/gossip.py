@@ -118,6 +118,7 @@ from fedbus.protocols.gossip_types import (
     weights_problem,
 )
 from fedbus.protocols.mixing import metropolis_row, mix
+from fedbus.protocols.timed import DeadlineFirst
 
 __all__ = ["PEER_TRANSITIONS", "GossipPeer", "PeerState"]
 
@@ -176,7 +177,7 @@ PEER_TRANSITIONS: dict[PeerState, dict[type[Event], frozenset[PeerState]]] = {
 """state -> {legal event type -> states it may lead to}; a missing entry is illegal."""
 
 
-class GossipPeer:
+class GossipPeer(DeadlineFirst):
     """A synchronous Metropolis-Hastings gossip peer (see the module docstring).
 
     Args:
@@ -255,27 +256,11 @@ class GossipPeer:
         """The join or round deadline in force, if any."""
         return self._deadline
 
-    def handle(self, event: Event, *, now: float) -> list[Command]:
-        """Handle one event at time ``now``; an expired deadline is handled first.
+    def _in_error(self) -> bool:
+        return self._state is PeerState.ERROR
 
-        Raises:
-            LocalProtocolError: illegal event for the state, a training result
-                for another round, time went backwards, or the machine is in ERROR.
-        """
-        if self._state is PeerState.ERROR:
-            raise LocalProtocolError("the gossip peer is in ERROR and accepts nothing")
-        try:
-            if now < self._now:
-                raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
-            self._now = now
-            out: list[Command] = []
-            if self._deadline is not None and now >= self._deadline:
-                out += self._dispatch(Tick())
-            return out + self._dispatch(event)
-        except LocalProtocolError:
-            self._state = PeerState.ERROR
-            self._deadline = None
-            raise
+    def _enter_error(self) -> None:
+        self._state = PeerState.ERROR
 
     # --- dispatch ------------------------------------------------------------
 

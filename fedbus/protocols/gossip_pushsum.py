@@ -84,6 +84,7 @@ from fedbus.protocols.gossip_types import (
     weights_problem,
 )
 from fedbus.protocols.mixing import push_sum_share
+from fedbus.protocols.timed import DeadlineFirst
 
 __all__ = ["DEDUP_WINDOW", "PUSH_SUM_TRANSITIONS", "PushSumPeer", "PushSumState"]
 
@@ -113,7 +114,7 @@ PUSH_SUM_TRANSITIONS[_S.PUSHED][Tick] = frozenset({_S.PUSHED, _S.TRAINING, _S.FI
 PUSH_SUM_TRANSITIONS[_S.ERROR] = {}
 
 
-class PushSumPeer:
+class PushSumPeer(DeadlineFirst):
     """An asynchronous push-sum gossip peer (see the module docstring).
 
     Args:
@@ -193,27 +194,11 @@ class PushSumPeer:
         """The end of the current push interval, if any."""
         return self._deadline
 
-    def handle(self, event: Event, *, now: float) -> list[Command]:
-        """Handle one event at time ``now``; an expired deadline is handled first.
+    def _in_error(self) -> bool:
+        return self._state is PushSumState.ERROR
 
-        Raises:
-            LocalProtocolError: illegal event for the state, a training result
-                for another step, time went backwards, or the machine is in ERROR.
-        """
-        if self._state is PushSumState.ERROR:
-            raise LocalProtocolError("the push-sum peer is in ERROR and accepts nothing")
-        try:
-            if now < self._now:
-                raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
-            self._now = now
-            out: list[Command] = []
-            if self._deadline is not None and now >= self._deadline:
-                out += self._dispatch(Tick())
-            return out + self._dispatch(event)
-        except LocalProtocolError:
-            self._state = PushSumState.ERROR
-            self._deadline = None
-            raise
+    def _enter_error(self) -> None:
+        self._state = PushSumState.ERROR
 
     def _dispatch(self, event: Event) -> list[Command]:
         allowed = PUSH_SUM_TRANSITIONS[self._state].get(type(event))
