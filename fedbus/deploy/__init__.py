@@ -3,14 +3,14 @@
 ``fedbus deploy TOPOLOGY.yaml --out DIR [--tls]`` (`fedbus.deploy.command`)
 writes everything a containerised federation needs; `plan_deployment`
 decides which broker each node uses and in which namespace, the renderers
-turn that plan into ACL files, mosquitto configs, bridges and the compose
+turn that plan into ACL files, mosquitto configs and the compose
 document. See docs/deployment.md.
 """
 
 from __future__ import annotations
 
 from fedbus.deploy.acl import render_acl
-from fedbus.deploy.conf import BrokerPaths, render_bridge_conf, render_broker_conf
+from fedbus.deploy.conf import BrokerPaths, render_broker_conf
 from fedbus.deploy.generate import DEFAULT_IMAGE, Deployment, generate
 from fedbus.deploy.plan import (
     BrokerPlan,
@@ -33,6 +33,5 @@ __all__ = [
     "generate",
     "plan_deployment",
     "render_acl",
-    "render_bridge_conf",
     "render_broker_conf",
 ]

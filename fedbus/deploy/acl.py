@@ -16,6 +16,15 @@ peer       ``to/<neighbour>/<peer>``;             ``to/<peer>/+``; ``out/<neighb
            ``out/<peer>/leave``
 ========== ====================================== ========================================
 
+Hierarchical deployments (`fedbus.deploy.plan`): an edge is the aggregator
+of its own broker and, on its parent's broker, a member like any client
+(its upward connection logs in there as itself). Devices that may re-home
+to a broker (``protocol.rehome``) are members there too, in advance. On an
+edge's broker every device may also *read* the edge's ``leave`` topic in the
+parent's namespace: the device runtime subscribes to it there
+(``fedbus.nodes.device``: the ``watch`` namespaces), and a refused
+subscription would end its connection attempt.
+
 Rules common to every user of a broker are ``pattern`` lines with ``%u``
 (the username; the generated mosquitto.conf sets ``use_username_as_clientid``
 so ``%c`` equals it, and a node cannot take over another's session by
@@ -60,21 +69,21 @@ def render_acl(plan: DeploymentPlan, broker: BrokerPlan) -> str:
             f"topic write {p}/{ns}/to/+/{agg}",
             f"topic read {p}/{ns}/out/+/leave",
         ]
-        up = broker.uplink
-        if up is not None:
-            pns = up.namespace
-            lines += [
-                f"# {agg} as a member of {pns}: carried to {up.broker} by this broker's bridge.",
-                f"topic write {p}/{pns}/out/{agg}/#",
-                f"topic write {p}/{pns}/to/{up.parent}/{agg}",
-                f"topic read {p}/{pns}/to/{agg}/+",
-                f"topic read {p}/{pns}/out/{up.parent}/#",
-            ]
     if agg is not None:
         # Per member, not a pattern: mosquitto warns about patterns without %c/%u.
+        up = broker.uplink
+        devices = set(broker.devices)
+        lines += [
+            "",
+            "# Members (clients, child edges' upward connections, devices that may re-home",
+            f"# here): the aggregator's broadcasts; devices also watch {agg}'s will upstairs.",
+        ]
         for member in broker.users:
-            if member != agg:
-                lines += ["", f"user {member}", f"topic read {p}/{ns}/out/{agg}/#"]
+            if member == agg:
+                continue
+            lines += ["", f"user {member}", f"topic read {p}/{ns}/out/{agg}/#"]
+            if up is not None and member in devices:
+                lines.append(f"topic read {p}/{up.namespace}/out/{agg}/leave")
     for peer in broker.nodes if agg is None else ():
         lines += ["", f"user {peer}"]
         for nbr in broker.neighbours.get(peer, ()):

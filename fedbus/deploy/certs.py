@@ -125,8 +125,9 @@ class CertificateAuthority:
             common_name: subject CN (a node id, or a broker's service name).
             dns: DNS names of the subjectAltName (the CN is always one).
             ips: IP addresses of the subjectAltName.
-            server: a broker certificate (serverAuth; a bridge also uses it
-                as a client, so clientAuth is always included).
+            server: a broker certificate (serverAuth; clientAuth is always
+                included, so a broker certificate can also authenticate a
+                hand-made bridge of the operator's own).
         """
         names = [f"DNS:{n}" for n in dict.fromkeys([common_name, *dns])]
         names += [f"IP:{ip}" for ip in ips]

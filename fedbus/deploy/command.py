@@ -18,7 +18,8 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "deploy",
         help="generate a compose deployment with per-node credentials, ACLs and optional TLS",
         description="Write DIR/docker-compose.yml (mosquitto, the server and one service per "
-        "non-external node; hierarchical: one broker per edge, bridged to its parent), the "
+        "non-external node; hierarchical: one broker per edge, which the edge serves while it "
+        "also logs in to its parent's broker), the "
         "mosquitto configs, password and ACL files, one random password per node under "
         "DIR/secrets (mode 0600, never printed) and with --tls a test CA and certificates made "
         "with openssl (docs/deployment.md). Exit 0 on success, 2 on invalid input.",

@@ -1,7 +1,12 @@
 """The compose file of a deployment: brokers, server, edges, clients or peers.
 
 Every node service runs ``fedbus node /fedbus/topology.yaml --id ID --broker
-URL`` against the broker its plan names. Credentials never appear in the
+URL``. ``--broker`` replaces only the federation's (cloud) broker URL in the
+topology; the edges' own brokers come from the deployment topology's edge
+``broker`` sections, which is how the runtime picks an edge's two
+connections and a device's re-homing targets. So every service names the
+cloud broker, and ``depends_on`` lists every broker the node may log in to
+(`NodePlan.brokers`). Credentials never appear in the
 file: each service mounts its own files as compose secrets at the *same*
 paths in every container (``/run/secrets/fedbus_password``, and with TLS
 ``fedbus_node.pem`` and ``fedbus_node.key``), so the one deployment
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from fedbus.deploy.conf import CONTAINER_BRIDGE_DIR, CONTAINER_CERTS, CONTAINER_CONFIG
+from fedbus.deploy.conf import CONTAINER_CERTS, CONTAINER_CONFIG
 from fedbus.deploy.conf import listener_port as _port
 from fedbus.deploy.plan import CLOUD_BROKER, BrokerPlan, DeploymentPlan, NodePlan
 from fedbus.topology import NodeRole
@@ -62,15 +67,6 @@ def _broker_service(plan: DeploymentPlan, broker: BrokerPlan, tls: bool, user: s
         "restart": "unless-stopped",
         "volumes": volumes,
     }
-    if broker.uplink is not None:
-        volumes.append(f"./secrets/bridges/{broker.service}:{CONTAINER_BRIDGE_DIR}:ro")
-        if tls:
-            edge = broker.uplink.edge
-            volumes += [
-                f"./certs/nodes/{edge}.pem:{CONTAINER_CERTS}/bridge.pem:ro",
-                f"./certs/nodes/{edge}.key:{CONTAINER_CERTS}/bridge.key:ro",
-            ]
-        service["depends_on"] = [broker.uplink.broker]
     if broker.service == CLOUD_BROKER:
         port = _port(tls)
         service["ports"] = [f"{port}:{port}"]
@@ -79,7 +75,7 @@ def _broker_service(plan: DeploymentPlan, broker: BrokerPlan, tls: bool, user: s
 
 def _node_service(node: NodePlan, tls: bool, image: str, user: str) -> Any:
     command = ["fedbus", "node", CONTAINER_TOPOLOGY, "--id", node.id]
-    command += ["--broker", broker_url(node.broker, tls)]
+    command += ["--broker", broker_url(CLOUD_BROKER, tls)]
     volumes = [f"./topology.yaml:{CONTAINER_TOPOLOGY}:ro"]
     if node.role in (NodeRole.SERVER, NodeRole.EDGE, NodeRole.PEER):  # they write results
         command += ["--out", f"{CONTAINER_RESULTS}/{node.id}"]
@@ -101,7 +97,7 @@ def _node_service(node: NodePlan, tls: bool, image: str, user: str) -> Any:
         "environment": {"FEDBUS_PASSWORD_FILE": f"/run/secrets/{PASSWORD_SECRET}"},
         "secrets": secrets,
         "volumes": volumes,
-        "depends_on": [node.broker],
+        "depends_on": list(node.brokers or (node.broker,)),
     }
 
 

@@ -6,7 +6,6 @@ Layout (docs/deployment.md)::
     DIR/topology.yaml               the topology, its broker sections set for DIR
     DIR/brokers/<service>/          mosquitto.conf, passwd (hashes, 0600), acl
     DIR/secrets/passwords/<node>    one random password per node (0600, never printed)
-    DIR/secrets/bridges/<service>/  an edge broker's bridge file (its password; 0600)
     DIR/certs/                      with --tls: ca/, brokers/<service>.*, nodes/<node>.*
 
 Passwords are fresh on every call (rotation is running it again with
@@ -34,7 +33,7 @@ from fedbus.deploy.compose import (
     broker_url,
     render_compose,
 )
-from fedbus.deploy.conf import render_bridge_conf, render_broker_conf
+from fedbus.deploy.conf import render_broker_conf
 from fedbus.deploy.plan import DeploymentPlan, plan_deployment
 from fedbus.errors import ConfigError
 from fedbus.topology import Topology, load_topology, loads_topology
@@ -154,7 +153,6 @@ def generate(
     for node in plan.nodes:
         node_passwords[node.id] = secrets.token_urlsafe(24)
         _write_secret(passwords / node.id, node_passwords[node.id])
-    bridge_passwords = {b.uplink.edge: secrets.token_urlsafe(24) for b in plan.brokers if b.uplink}
     for broker in plan.brokers:
         conf_dir = root / "brokers" / broker.service
         conf_dir.mkdir(parents=True, exist_ok=True)
@@ -162,17 +160,9 @@ def generate(
             render_broker_conf(broker, tls=tls), encoding="utf-8"
         )
         (conf_dir / "acl").write_text(render_acl(plan, broker), encoding="utf-8")
-        creds = {n: node_passwords[n] for n in broker.nodes}
-        creds.update({e: bridge_passwords[e] for e in broker.bridged})
-        make_password_file(conf_dir / "passwd", creds)
-        if broker.uplink is not None:
-            bridge_dir = _private_dir(secret_dir / "bridges" / broker.service)
-            _write_secret(
-                bridge_dir / "bridge.conf",
-                render_bridge_conf(
-                    plan, broker, password=bridge_passwords[broker.uplink.edge], tls=tls
-                ),
-            )
+        # One password per node on every broker it logs in to: the deployment
+        # topology gives all broker sections the same FEDBUS_PASSWORD file.
+        make_password_file(conf_dir / "passwd", {n: node_passwords[n] for n in broker.users})
     if tls:
         _make_certs(root / "certs", plan)
     (root / "topology.yaml").write_text(

@@ -8,25 +8,33 @@ topic namespace; the ACL, mosquitto config and compose renderers only read it.
 * **Hierarchical:** the cloud broker serves the server's children in
   namespace ``<name>``; every edge gets a broker of its own (service
   ``mosquitto-<edge-id>``) for its group, in namespace ``<name>.<edge-id>``
-  (`fedbus.nodes.namespaces`). The edge's container connects to its own
-  broker only, for both levels; its upward traffic (its topics in the
-  parent's namespace) crosses to the parent's broker over a mosquitto bridge
-  that logs in there as the edge, so the parent's broker applies the same
-  ACL to the bridge as to a node connected directly. Devices and nested
-  edges never reach beyond their edge's broker.
+  (`fedbus.nodes.namespaces`). This is the layout the hierarchical runtime
+  runs (`fedbus.launch.hierarchical`, docs/hierarchical-gossip.md), so the
+  plan follows it rather than routing around it: an edge holds two
+  connections with one identity, to its own broker as the server of its
+  namespace and straight to its parent's broker as a member of the parent's
+  namespace (no bridge: a bridge logging in as the edge would share the
+  edge's client id and the two would knock each other off). A device logs
+  in to its edge's broker, and also to every broker of its re-homing
+  fallbacks (``protocol.rehome``: the grandparent's for ``parent``; the
+  sibling edges' and then the grandparent's for ``sibling``, the runtime's
+  `fallback_chain`), so it holds credentials there as a member of that
+  aggregator's namespace.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Final
 
+from fedbus._types import NodeId
 from fedbus.errors import ConfigError
+from fedbus.protocols.hierarchical_rehoming import fallback_chain
 from fedbus.topics import DEFAULT_PREFIX, validate_id
-from fedbus.topology import EdgeConfig, NodeRole, Topology
+from fedbus.topology import EdgeConfig, NodeInfo, NodeRole, Topology
 
 __all__ = [
     "CLOUD_BROKER",
@@ -57,13 +65,13 @@ def edge_namespace(name: str, edge_id: str) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Uplink:
-    """An edge's link to its parent level, carried by a bridge from the edge's broker.
+    """An edge's second connection: straight to its parent's broker, as the edge.
 
     Attributes:
-        edge: the edge's node id (the bridge's username at the parent broker).
+        edge: the edge's node id (its username and client id there too).
         parent: the parent aggregator's id (server or edge).
         namespace: the parent level's namespace.
-        broker: the parent's broker service, where the bridge connects.
+        broker: the parent's broker service, where the edge connects.
     """
 
     edge: str
@@ -80,9 +88,13 @@ class BrokerPlan:
         service: compose service name, also its host name on the compose network.
         namespace: the namespace of the nodes served here (its home namespace).
         aggregator: the node that aggregates that namespace (None for gossip).
-        nodes: ids of the nodes whose connections end here (the aggregator included).
-        bridged: ids of child edges whose bridges log in here (members of the namespace).
-        uplink: for an edge broker, the edge's link upward.
+        nodes: ids of the nodes at home here (the aggregator first, then its clients).
+        edges: ids of child edges whose upward connection logs in here (members
+            of the namespace, like a client).
+        guests: devices of other edges that may re-home here (members too, once
+            re-homed; they hold credentials in advance because their edge is
+            gone when they need them).
+        uplink: for an edge broker, where the edge's upward connection goes.
         neighbours: gossip neighbours of each peer (both directions).
     """
 
@@ -90,14 +102,20 @@ class BrokerPlan:
     namespace: str
     aggregator: str | None
     nodes: tuple[str, ...]
-    bridged: tuple[str, ...] = ()
+    edges: tuple[str, ...] = ()
+    guests: tuple[str, ...] = ()
     uplink: Uplink | None = None
     neighbours: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def users(self) -> tuple[str, ...]:
-        """Usernames of this broker's password file: its nodes, then bridges from below."""
-        return self.nodes + self.bridged
+        """Usernames of this broker's password file: home nodes, child edges, guests."""
+        return self.nodes + self.edges + self.guests
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Members that run a device (home clients and guests), not the aggregator or edges."""
+        return tuple(n for n in self.nodes if n != self.aggregator) + self.guests
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,13 +125,16 @@ class NodePlan:
     Attributes:
         id: node id (MQTT client id and username).
         role: server, edge, client or peer.
-        broker: the broker service it connects to.
+        broker: its home broker service (an edge's own, a device's edge's).
+        brokers: every broker it may log in to, home first (an edge's parent's
+            broker; a device's re-homing fallbacks in order).
         external: joins from elsewhere (credentials are generated, no service).
     """
 
     id: str
     role: NodeRole
     broker: str
+    brokers: tuple[str, ...] = ()
     external: bool = False
 
 
@@ -196,7 +217,13 @@ def plan_deployment(topology: Topology) -> DeploymentPlan:
             )
         ]
         nodes = [
-            NodePlan(id=i.id, role=i.role, broker=CLOUD_BROKER, external=i.id in external)
+            NodePlan(
+                id=i.id,
+                role=i.role,
+                broker=CLOUD_BROKER,
+                brokers=(CLOUD_BROKER,),
+                external=i.id in external,
+            )
             for i in infos
         ]
     else:
@@ -207,19 +234,24 @@ def plan_deployment(topology: Topology) -> DeploymentPlan:
                 namespace=topology.name,
                 aggregator=server,
                 nodes=(server, *topology.nodes.clients),
-                bridged=tuple(edge.id for edge in topology.nodes.edges),
+                edges=tuple(edge.id for edge in topology.nodes.edges),
             )
         ]
         for edge in topology.nodes.edges:
             _plan_edge(topology.name, edge, server, topology.name, CLOUD_BROKER, brokers)
-        home: dict[str, str] = {}
-        for plan in brokers:
-            for node_id in plan.nodes:
-                home[node_id] = plan.service
+        reach = _reach(topology, infos, brokers)
+        brokers = [
+            replace(plan, guests=tuple(
+                d for d, bs in reach.items()
+                if plan.service in bs[1:] and d not in plan.nodes + plan.edges
+            ))
+            for plan in brokers
+        ]  # fmt: skip
         nodes = [
-            NodePlan(id=i.id, role=i.role, broker=home[i.id], external=i.id in external)
+            NodePlan(id=i.id, role=i.role, broker=reach[i.id][0], brokers=reach[i.id],
+                     external=i.id in external)
             for i in infos
-        ]
+        ]  # fmt: skip
     services = {plan.service for plan in brokers}
     for node in nodes:
         if node.id in services:
@@ -250,7 +282,7 @@ def _plan_edge(
             namespace=namespace,
             aggregator=edge.id,
             nodes=(edge.id, *edge.clients),
-            bridged=tuple(child.id for child in edge.edges),
+            edges=tuple(child.id for child in edge.edges),
             uplink=Uplink(
                 edge=edge.id, parent=parent, namespace=parent_namespace, broker=parent_broker
             ),
@@ -258,3 +290,43 @@ def _plan_edge(
     )
     for child in edge.edges:
         _plan_edge(name, child, edge.id, namespace, service, out)
+
+
+def _children_broker(node: str, server: str) -> str:
+    """The broker where ``node``'s children log in (the runtime's ``child_connects``)."""
+    return CLOUD_BROKER if node == server else edge_broker(node)
+
+
+def _reach(
+    topology: Topology, infos: Sequence[NodeInfo], brokers: Sequence[BrokerPlan]
+) -> dict[str, tuple[str, ...]]:
+    """Every broker each node logs in to, home first (see the module docstring).
+
+    An edge: its own, then its parent's children's broker. A device of an
+    edge: its edge's, then the brokers of its fallbacks, from the same
+    `fallback_chain` the runtime uses (``fedbus.launch.hierarchical.Plan``),
+    so credentials and ACLs cover exactly where it can go. The cloud's own
+    clients never re-home.
+    """
+    server = topology.nodes.server
+    assert server is not None
+    by_id = {i.id: i for i in infos}
+    home = {n: b.service for b in brokers for n in b.nodes}
+    reach: dict[str, tuple[str, ...]] = {}
+    for info in infos:
+        parent = info.parent
+        if info.role is NodeRole.EDGE and parent is not None:
+            reach[info.id] = (home[info.id], _children_broker(parent, server))
+            continue
+        grandparent = None if parent is None else by_id[parent].parent
+        if parent is None or grandparent is None:
+            reach[info.id] = (home[info.id],)
+            continue
+        siblings = [c for c in by_id[grandparent].children if by_id[c].role is NodeRole.EDGE]
+        chain = fallback_chain(
+            topology.protocol.rehome, parent=NodeId(parent), grandparent=NodeId(grandparent),
+            siblings=[NodeId(s) for s in siblings],
+        )  # fmt: skip
+        targets = (_children_broker(t, server) for t in chain)
+        reach[info.id] = tuple(dict.fromkeys((home[info.id], *targets)))
+    return reach

@@ -13,7 +13,7 @@ from fedbus.cli import main
 from fedbus.config import BrokerConfig
 from fedbus.deploy import generate, plan_deployment, render_acl
 from fedbus.errors import ConfigError
-from fedbus.topology import NodeRole, load_topology
+from fedbus.topology import load_topology
 
 CENTRAL = """
 name: plant-1
@@ -162,7 +162,7 @@ def test_gossip_acl_follows_the_graph(tmp_path: Path) -> None:
     assert "--out" in doc["services"]["peer-0"]["command"]
 
 
-def test_hierarchical_one_broker_per_edge_bridged_upward(tmp_path: Path) -> None:
+def test_hierarchical_one_broker_per_edge_edges_log_in_upward(tmp_path: Path) -> None:
     out, doc = _deploy(tmp_path, HIER)
     services = doc["services"]
     brokers = {"mosquitto", "mosquitto-edge-a", "mosquitto-region-b", "mosquitto-edge-b1"}
@@ -170,45 +170,82 @@ def test_hierarchical_one_broker_per_edge_bridged_upward(tmp_path: Path) -> None
     topology = load_topology(tmp_path / "topo.yaml")
     for info in topology.node_infos():
         cmd = services[info.id]["command"]
-        url = cmd[cmd.index("--broker") + 1]
-        if info.role is NodeRole.SERVER:
-            assert url == "mqtt://mosquitto:1883"
-        elif info.role is NodeRole.EDGE:
-            assert url == f"mqtt://mosquitto-{info.id}:1883"  # its own broker, both levels
-        else:
-            assert url == f"mqtt://mosquitto-{info.parent}:1883"
-        assert services[info.id]["depends_on"] == [url.split("//")[1].split(":")[0]]
-    assert services["mosquitto-edge-b1"]["depends_on"] == ["mosquitto-region-b"]
+        # --broker replaces the federation's broker only; edges' come from the topology.
+        assert cmd[cmd.index("--broker") + 1] == "mqtt://mosquitto:1883"
+    assert services["cloud"]["depends_on"] == ["mosquitto"]
+    # An edge: its own broker (as the server of its group) and its parent's (as a client).
+    assert services["edge-a"]["depends_on"] == ["mosquitto-edge-a", "mosquitto"]
+    assert services["edge-b1"]["depends_on"] == ["mosquitto-edge-b1", "mosquitto-region-b"]
+    # A device: its edge's broker, then its re-homing fallback (rehome: parent).
+    assert services["edge-a-client-0"]["depends_on"] == ["mosquitto-edge-a", "mosquitto"]
+    assert services["edge-b1-client-0"]["depends_on"] == [
+        "mosquitto-edge-b1", "mosquitto-region-b"
+    ]  # fmt: skip
+    for broker in brokers:
+        assert "depends_on" not in services[broker]  # no bridges: brokers are independent
+        conf = (out / "brokers" / broker / "mosquitto.conf").read_text()
+        assert "include_dir" not in conf
+        assert "connection " not in conf
     assert "ports" not in services["mosquitto-edge-a"]
-    bridge = (out / "secrets/bridges/mosquitto-edge-b1/bridge.conf").read_text().splitlines()
-    assert (
-        stat.S_IMODE((out / "secrets/bridges/mosquitto-edge-b1/bridge.conf").stat().st_mode)
-        == 0o600
-    )
-    assert "address mosquitto-region-b:1883" in bridge
-    assert "remote_username edge-b1" in bridge
-    assert [line for line in bridge if line.startswith("topic ")] == [
-        "topic fedbus/hier.region-b/out/edge-b1/# out 1",
-        "topic fedbus/hier.region-b/to/region-b/edge-b1 out 1",
-        "topic fedbus/hier.region-b/out/region-b/# in 1",
-        "topic fedbus/hier.region-b/to/edge-b1/+ in 1",
-    ]
-    conf = (out / "brokers/mosquitto-edge-b1/mosquitto.conf").read_text()
-    assert "include_dir /mosquitto/bridge" in conf
-    assert "remote_password" not in conf
-    # The bridge logs in to region-b's broker as edge-b1 with a password of its own.
-    region_users = _users(out / "brokers/mosquitto-region-b/passwd")
-    assert region_users == ["region-b", "edge-b1"]
-    assert _users(out / "brokers/mosquitto/passwd") == ["cloud", "edge-a", "region-b"]
+    assert not (out / "secrets/bridges").exists()
+    assert _users(out / "brokers/mosquitto/passwd") == [
+        "cloud", "edge-a", "region-b", "edge-a-client-0", "edge-a-client-1"
+    ]  # fmt: skip
+    assert _users(out / "brokers/mosquitto-region-b/passwd") == [
+        "region-b", "edge-b1", "edge-b1-client-0"
+    ]  # fmt: skip
     assert _users(out / "brokers/mosquitto-edge-a/passwd") == [
         "edge-a", "edge-a-client-0", "edge-a-client-1"
     ]  # fmt: skip
+    # Where each node logs in (one password per node on all of them).
+    plan = plan_deployment(topology)
+    assert plan.node("edge-b1").brokers == ("mosquitto-edge-b1", "mosquitto-region-b")
+    # The edge's own broker: the edge serves hier.edge-a; its devices also watch its will
+    # in the parent namespace, as the device runtime subscribes there.
     acl = (out / "brokers/mosquitto-edge-a/acl").read_text().splitlines()
     assert "pattern write fedbus/hier.edge-a/out/%u/#" in acl
-    assert _user_blocks(acl)["edge-a"][-4:] == [
-        "topic write fedbus/hier/out/edge-a/#", "topic write fedbus/hier/to/cloud/edge-a",
-        "topic read fedbus/hier/to/edge-a/+", "topic read fedbus/hier/out/cloud/#",
+    blocks = _user_blocks(acl)
+    assert blocks["edge-a"] == [
+        "topic write fedbus/hier.edge-a/to/+/edge-a", "topic read fedbus/hier.edge-a/out/+/leave",
     ]  # fmt: skip
+    assert blocks["edge-a-client-0"] == [
+        "topic read fedbus/hier.edge-a/out/edge-a/#", "topic read fedbus/hier/out/edge-a/leave",
+    ]  # fmt: skip
+    assert not [
+        line for line in acl if "fedbus/hier/to/" in line or "fedbus/hier/out/cloud" in line
+    ]
+    # The parent's broker: edges and re-homing devices are members of hier.
+    cloud = _user_blocks((out / "brokers/mosquitto/acl").read_text().splitlines())
+    for member in ("edge-a", "region-b", "edge-a-client-0"):
+        assert cloud[member] == ["topic read fedbus/hier/out/cloud/#"]
+    region = _user_blocks((out / "brokers/mosquitto-region-b/acl").read_text().splitlines())
+    assert region["edge-b1"] == ["topic read fedbus/hier.region-b/out/region-b/#"]
+    assert region["edge-b1-client-0"] == [
+        "topic read fedbus/hier.region-b/out/region-b/#", "topic read fedbus/hier/out/region-b/leave",
+    ]  # fmt: skip
+
+
+def test_hierarchical_sibling_rehome_grants_the_sibling_brokers(tmp_path: Path) -> None:
+    text = HIER.replace("edge_rounds: 1}", "edge_rounds: 1, rehome: sibling}")
+    out, doc = _deploy(tmp_path, text)
+    # edge-a's devices: region-b (the next sibling), then the cloud.
+    assert doc["services"]["edge-a-client-0"]["depends_on"] == [
+        "mosquitto-edge-a", "mosquitto-region-b", "mosquitto"
+    ]  # fmt: skip
+    region = _user_blocks((out / "brokers/mosquitto-region-b/acl").read_text().splitlines())
+    assert region["edge-a-client-0"] == [
+        "topic read fedbus/hier.region-b/out/region-b/#", "topic read fedbus/hier/out/region-b/leave",
+    ]  # fmt: skip
+    assert "edge-a-client-0" in _users(out / "brokers/mosquitto-region-b/passwd")
+    # edge-b1 has no sibling under region-b: only its grandparent region-b.
+    assert doc["services"]["edge-b1-client-0"]["depends_on"] == [
+        "mosquitto-edge-b1", "mosquitto-region-b"
+    ]  # fmt: skip
+    # Nobody but edge-a's group may log in to edge-a's broker.
+    assert _users(out / "brokers/mosquitto-edge-a/passwd") == [
+        "edge-a", "edge-a-client-0", "edge-a-client-1"
+    ]  # fmt: skip
+
     # The deployment topology gives every edge its broker and still validates.
     deployed = load_topology(out / "topology.yaml")
     edge = deployed.node("edge-b1")

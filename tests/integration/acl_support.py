@@ -42,19 +42,14 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = DEADLINE_S) -> bo
     return True
 
 
-def host_paths(
-    root: Path, broker: str, tmp: Path, *, bridge_node: str | None = None
-) -> BrokerPaths:
+def host_paths(root: Path, broker: str, tmp: Path) -> BrokerPaths:
     """The generated files of ``broker`` under deployment ``root``, as host paths."""
     conf = root / "brokers" / broker
     certs = root / "certs"
-    node = bridge_node or "none"
     return BrokerPaths(
         password_file=str(conf / "passwd"), acl_file=str(tmp / f"{broker}.acl"),
         cafile=str(certs / "ca" / "ca.pem"), certfile=str(certs / "brokers" / f"{broker}.pem"),
-        keyfile=str(certs / "brokers" / f"{broker}.key"), bridge_dir=str(tmp / f"{broker}-bridge"),
-        bridge_certfile=str(certs / "nodes" / f"{node}.pem"),
-        bridge_keyfile=str(certs / "nodes" / f"{node}.key"), log_dest=f"file {tmp / broker}.log",
+        keyfile=str(certs / "brokers" / f"{broker}.key"), log_dest=f"file {tmp / broker}.log",
     )  # fmt: skip
 
 

@@ -126,7 +126,6 @@ def _deploy(tmp_path: Path, *, tls: bool) -> tuple[Path, dict[str, str], Path]:
     passwd = (root / "brokers/mosquitto/passwd").read_text()
     (work / "passwd").write_text(passwd + f"observer:{hash_password('observer-pw')}\n")
     (work / "passwd").chmod(0o600)
-    (work / "mosquitto-bridge").mkdir()
     return root, passwords, work
 
 
