@@ -19,6 +19,7 @@ from fedbus.learning.trainer import Trainer
 from fedbus.learning.trainers import make_trainer
 from fedbus.nodes.faults import FaultPlan
 from fedbus.protocols.fedavg import FedAvgConfig
+from fedbus.protocols.fedbuff import FedBuffConfig
 from fedbus.topology import (
     ChurnFault,
     CrashFault,
@@ -32,6 +33,7 @@ __all__ = [
     "build_data",
     "client_trainer",
     "fault_plan",
+    "fedbuff_config",
     "model_spec",
     "new_run_id",
     "protocol_config",
@@ -52,16 +54,34 @@ def new_run_id(name: str) -> str:
     return f"{name}-{secrets.token_hex(4)}"
 
 
+def _train_config(topology: Topology) -> dict[str, bool | int | float | str]:
+    t = topology.training
+    return {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "mu": t.mu}
+
+
+def fedbuff_config(topology: Topology) -> FedBuffConfig:
+    """The FedBuff machine's config (``protocol.mode: async``); ``rounds`` counts aggregations.
+
+    ``buffer_size`` defaults to min(10, clients): FedBuff's K = 10, but never more
+    updates than there are clients to send them at one version.
+    """
+    p = topology.protocol
+    clients = max(len(topology.nodes.clients), 1)
+    return FedBuffConfig(
+        buffer_size=p.buffer_size if p.buffer_size is not None else min(10, clients),
+        max_versions=p.rounds,
+        max_staleness=p.max_staleness,
+        server_lr=p.server_lr,
+        staleness_exponent=p.staleness_exponent,
+        train_config=_train_config(topology),
+    )
+
+
 def protocol_config(topology: Topology) -> FedAvgConfig:
     """The FedAvg machine's config from the ``protocol:`` and ``training:`` sections."""
-    p, t = topology.protocol, topology.training
+    p = topology.protocol
     clients = len(topology.nodes.clients)
-    train: dict[str, bool | int | float | str] = {
-        "epochs": t.epochs,
-        "batch_size": t.batch_size,
-        "lr": t.lr,
-        "mu": t.mu,
-    }
+    train = _train_config(topology)
     return FedAvgConfig(
         rounds=p.rounds,
         clients_per_round=None

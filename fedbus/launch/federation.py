@@ -31,6 +31,7 @@ from fedbus.launch.build import (
     build_data,
     client_trainer,
     fault_plan,
+    fedbuff_config,
     new_run_id,
     protocol_config,
     server_trainer,
@@ -52,6 +53,7 @@ from fedbus.nodes import (
     ServerSettings,
 )
 from fedbus.protocols.fedavg import FedAvgServer, ServerCheckpoint
+from fedbus.protocols.fedbuff import FedBuffServer
 from fedbus.topology import NodeRole, Topology
 from fedbus.transport.base import Transport, Will
 from fedbus.transport.memory import MemoryBus, MemoryTransport
@@ -159,7 +161,16 @@ def make_server(
     trainer = server_trainer(topology, defenses.data)
     aggregator = make_aggregator(topology.protocol.aggregator.as_dict())
     expected = len(topology.nodes.clients)
-    if resume is not None:
+    machine: FedAvgServer | FedBuffServer
+    if topology.protocol.mode == "async":
+        if resume is not None:
+            raise ConfigError("resuming an asynchronous run is not supported", path="--resume")
+        machine = FedBuffServer(
+            fedbuff_config(topology),
+            run=RunId(run_id),
+            weights=trainer.initial_weights(init_seed(topology.seed)),
+        )
+    elif resume is not None:
         machine = FedAvgServer.from_checkpoint(
             config,
             ServerCheckpoint(

@@ -1,4 +1,4 @@
-"""`ServerNode`: runs a `FedAvgServer` machine over a transport and writes the results.
+"""`ServerNode`: runs a `FedAvgServer` (or `FedBuffServer`) machine over a transport, writes results.
 
 Tasks (one TaskGroup, STYLE.md section 4): ``fedbus[<id>].receive`` turns
 messages into machine events (Join, Leave or last will, ModelUpdate,
@@ -16,6 +16,17 @@ clears it when the run ends; it is published on each change of state, not
 on each attempt of consecutive rounds (the model broadcast already tells
 connected clients that; see `ServerNode._execute`). Joins are acknowledged (Ack ``ok``) so clients
 stop re-sending them; rejected updates get an Ack ``rejected`` with the reason.
+
+Asynchronous runs (``mode: async``) drive a `FedBuffServer` with the same
+node: messages, byte accounting, results and summary are the same; each
+`BufferAggregated` becomes a metrics row (``round`` is the new model version,
+``participants`` the K buffered updates, ``staleness_mean``/``staleness_max``
+how many versions old they were). That machine issues no manifests, so the node
+publishes them itself: ``running`` before the first broadcast (clients learn the
+run id from it and join) and ``finished`` at the end (clients stop). On the
+wire, version v travels as round v + 1 (``_offset``): clients take round 0 for
+"before the run" and would never train on the initial model. Clients report no
+failures to it (the machine has no use for them: it just waits for K updates).
 
 Byte accounting: a round's ``bytes_up``/``bytes_down`` are the payload bytes
 this node's connection received/sent between the close of the previous round
@@ -69,6 +80,7 @@ from fedbus.protocols.fedavg import (
     UpdateFailed,
     UpdateReceived,
 )
+from fedbus.protocols.fedbuff import BufferAggregated, FedBuffServer
 from fedbus.transport.base import Transport
 from fedbus.transport.messenger import Incoming, Messenger
 
@@ -155,10 +167,11 @@ class _Closed:
 
 
 class ServerNode:
-    """The FedAvg server runtime.
+    """The central server runtime: FedAvg rounds, or FedBuff's asynchronous aggregations.
 
     Args:
-        machine: the server machine (fresh, or `FedAvgServer.from_checkpoint`).
+        machine: the server machine (fresh, or `FedAvgServer.from_checkpoint`), or
+            a `FedBuffServer` (``mode: async``; module docstring).
         transport: this node's own connection (not yet entered).
         settings: identity and summary fields.
         evaluator: scores the global model on the test split (central evaluation).
@@ -169,7 +182,7 @@ class ServerNode:
 
     def __init__(
         self,
-        machine: FedAvgServer,
+        machine: FedAvgServer | FedBuffServer,
         transport: Transport,
         settings: ServerSettings,
         *,
@@ -187,7 +200,16 @@ class ServerNode:
         self._results = results
         self._observer = observer or ServerObserver()
         self._clock = clock
-        self._federated = machine.config.evaluate == "federated"
+        self._federated = (
+            isinstance(machine, FedAvgServer) and machine.config.evaluate == "federated"
+        )
+        self._rounds = (
+            machine.config.rounds
+            if isinstance(machine, FedAvgServer)
+            else machine.config.max_versions
+        )
+        self._rejected_mark: Counter[str] = Counter()  # FedBuff: counts already reported
+        self._offset = 1 if isinstance(machine, FedBuffServer) else 0  # wire round - version
         resume = settings.resume
         self._elapsed_base = resume.elapsed_s if resume else 0.0
         self._bytes_base = resume.bytes_total if resume else 0
@@ -236,6 +258,8 @@ class ServerNode:
             async with asyncio.TaskGroup() as tg:
                 receiver = tg.create_task(self._receive(driver), name=f"fedbus[{self.id}].receive")
                 worker = tg.create_task(self._results_worker(), name=f"fedbus[{self.id}].results")
+                if isinstance(self.machine, FedBuffServer):
+                    await self._publish_manifest("running", 0, 0)
                 await driver.feed(Started())
                 await driver.run()
                 self._queue.put_nowait(None)
@@ -282,12 +306,12 @@ class ServerNode:
             return NodeJoined(node=sender, num_examples=msg.num_examples)
         if isinstance(msg, ModelUpdate):
             return UpdateReceived(
-                sender=sender, run=RunId(msg.run), round=msg.round,
+                sender=sender, run=RunId(msg.run), round=msg.round - self._offset,
                 weights=tensors_to_arrays(msg.weights), num_examples=msg.num_examples,
                 encoding=msg.encoding, metrics=msg.metrics, update_id=msg.id,
                 reply_to=msg.reply_to, extras=extra_tensors(msg),
             )  # fmt: skip
-        if isinstance(msg, UpdateFailure):
+        if isinstance(msg, UpdateFailure) and not self._offset:
             return UpdateFailed(
                 sender=sender, run=RunId(msg.run), round=msg.round, reason=msg.reason,
                 update_id=msg.id,
@@ -301,11 +325,14 @@ class ServerNode:
         assert messenger is not None
         match command:
             case BroadcastModel():
-                if command.attempt == 1 or self._round_started is None:
+                # FedBuff's catch-up broadcasts to a joining node are attempts 1 of the
+                # current version too: its aggregation period started at the last close.
+                fresh = command.attempt == 1 and isinstance(self.machine, FedAvgServer)
+                if fresh or self._round_started is None:
                     self._round_started = self._clock()
                 self._model_id = command.request_id
                 message = ModelBroadcast(
-                    run=self.run_id, round=command.round, sender=self.id,
+                    run=self.run_id, round=command.round + self._offset, sender=self.id,
                     id=command.request_id, weights=tensors_from_arrays(command.weights),
                     config=dict(command.config),
                     selected=compact_selection(command.selected, self.machine.live_nodes),
@@ -328,7 +355,7 @@ class ServerNode:
                 manifest = Manifest(
                     run=command.run, round=command.round, sender=self.id, state=command.state,
                     attempt=command.attempt, completed_round=command.completed_round,
-                    rounds=self.machine.config.rounds,
+                    rounds=self._rounds,
                     model_id=self._model_id if command.state in ("collecting", "evaluating") else "",
                     selected=compact_selection(command.selected, self.machine.live_nodes),
                 )  # fmt: skip
@@ -338,7 +365,7 @@ class ServerNode:
                           command.round, command.reason, command.detail)  # fmt: skip
                 if command.update_id:
                     ack = Ack(
-                        run=self.run_id, round=command.round, sender=self.id,
+                        run=self.run_id, round=command.round + self._offset, sender=self.id,
                         ref=command.update_id, status="rejected", detail=command.reason,
                     )  # fmt: skip
                     await messenger.send(command.sender, ack)
@@ -350,10 +377,49 @@ class ServerNode:
                 self._observer.on_round_failed(command)
             case EvaluationClosed():
                 self._queue.put_nowait(command)
+            case BufferAggregated():
+                self._queue.put_nowait(self._close_buffer(command, messenger))
             case Finish():
+                if isinstance(self.machine, FedBuffServer):
+                    await self._publish_manifest("finished", command.completed_round, 0)
                 self._finish = command
                 return True
         return False
+
+    async def _publish_manifest(self, state: str, completed: int, attempt: int) -> None:
+        """The retained manifest of an asynchronous run (the FedBuff machine issues none)."""
+        assert self._messenger is not None
+        self._manifest_state = state
+        manifest = Manifest(
+            run=self.run_id, round=completed + self._offset, sender=self.id, state=state,
+            attempt=attempt,
+            completed_round=completed, rounds=self._rounds, model_id="", selected=[],
+        )  # fmt: skip
+        await self._messenger.broadcast(manifest, MANIFEST_CHANNEL, retain=True)
+
+    def _close_buffer(self, cmd: BufferAggregated, messenger: Messenger) -> _Closed:
+        """A FedBuff aggregation as a round row, plus its staleness statistics.
+
+        It goes through `_close_round` (as a one-attempt round whose participants
+        are the K buffered senders) so wall time, bytes, ``rejected`` and the
+        checkpoint are accounted exactly as for FedAvg.
+        """
+        assert isinstance(self.machine, FedBuffServer)
+        counts = Counter(self.machine.rejected)
+        rejected = counts - self._rejected_mark  # the machine's counts are cumulative
+        self._rejected_mark = counts
+        train = {k: v for k, v in cmd.metrics.items() if k == "train_loss"}
+        closed = RoundClosed(
+            round=cmd.version, attempt=1, weights=cmd.weights,
+            participants=tuple(sender for sender, _, _ in cmd.contributors), dropped=(),
+            rejected=dict(rejected), num_examples=cmd.num_examples, client_metrics=train,
+            federated_metrics={}, aggregator_state={},
+        )  # fmt: skip
+        item = self._close_round(closed, messenger)
+        stale = [s for _, _, s in cmd.contributors]
+        item.row["staleness_mean"] = round(sum(stale) / len(stale), 6) if stale else 0.0
+        item.row["staleness_max"] = max(stale, default=0)
+        return item
 
     def _close_round(self, cmd: RoundClosed, messenger: Messenger) -> _Closed:
         now = self._clock()

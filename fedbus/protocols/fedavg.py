@@ -10,6 +10,7 @@ from __future__ import annotations
 from fedbus.protocols.fedavg_client import CLIENT_TRANSITIONS, ClientState, FedAvgClient
 from fedbus.protocols.fedavg_server import TRANSITIONS, FedAvgServer, ServerState
 from fedbus.protocols.fedavg_types import (
+    ASYNC_KEY,
     EVALUATE_KEY,
     TASK_EVALUATE,
     TASK_KEY,
@@ -46,6 +47,7 @@ from fedbus.protocols.fedavg_types import (
 )
 
 __all__ = [
+    "ASYNC_KEY",
     "CLIENT_TRANSITIONS",
     "EVALUATE_KEY",
     "TASK_EVALUATE",

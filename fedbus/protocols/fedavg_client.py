@@ -24,6 +24,13 @@ Rules and invariants:
 - a result naming a round the machine never asked for is our own bug:
   `LocalProtocolError`, state ERROR.
 
+Asynchronous servers (FedBuff, `fedbus.protocols.fedbuff`) mark their models
+with ``async: True``. Such a model's task is *not* cancelled by a newer model:
+cancelling would let a slow client never deliver anything while versions move
+on, whereas FedBuff wants its (stale, down-weighted) update. The newest model
+that arrives meanwhile is kept and trained on as soon as the update is sent, so
+the client always moves on to the newest version it has.
+
 Federated evaluation: when the broadcast config says ``evaluate: True`` the
 client first evaluates the received global model (`Evaluate`) and then trains
 (`Train`); the evaluation travels inside the update's metrics as ``eval_*``
@@ -44,6 +51,7 @@ from fedbus._types import RunId
 from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg_types import (
+    ASYNC_KEY,
     EVALUATE_KEY,
     TASK_EVALUATE,
     TASK_KEY,
@@ -124,6 +132,8 @@ class FedAvgClient:
         self._reply_to = ""
         self._train_after_eval: tuple[ScalarMap, ModelReceived] | None = None
         self._eval_metrics: dict[str, float] = {}
+        self._async = False  # the outstanding task came from an asynchronous server
+        self._next: ModelReceived | None = None  # async: newest model to train on next
 
     @property
     def state(self) -> ClientState:
@@ -185,7 +195,7 @@ class FedAvgClient:
         out: list[Command] = []
         if round_ > self._round:
             self._round = round_
-            if self._task_round and self._task_round < round_:
+            if self._task_round and self._task_round < round_ and not self._async:
                 out.append(CancelTraining(round=self._task_round))
                 self._task_round = 0
                 self._train_after_eval = None
@@ -196,7 +206,14 @@ class FedAvgClient:
         out = self._newer(event.run, event.round)
         if out is None or not event.selected or self._acted >= event.round:
             return out or []
+        if self._task_round and self._async:
+            self._next = event  # busy with an older version: finish it, then this one
+            return out
+        return [*out, *self._start(event)]
+
+    def _start(self, event: ModelReceived) -> list[Command]:
         self._acted = event.round
+        self._async = event.config.get(ASYNC_KEY) is True
         self._task_round = event.round
         self._reply_to = event.model_id
         self._eval_metrics = {}
@@ -204,12 +221,13 @@ class FedAvgClient:
         if evaluate_only or event.config.get(EVALUATE_KEY) is True:
             self._train_after_eval = None if evaluate_only else (event.config, event)
             self._set_state(ClientState.EVALUATING)
-            return [*out, Evaluate(round=event.round, weights=event.weights)]
-        return [*out, *self._train(event)]
+            return [Evaluate(round=event.round, weights=event.weights)]
+        return self._train(event)
 
     def _train(self, model: ModelReceived) -> list[Command]:
         self._set_state(ClientState.TRAINING)
-        config = {k: v for k, v in model.config.items() if k not in (TASK_KEY, EVALUATE_KEY)}
+        reserved = (TASK_KEY, EVALUATE_KEY, ASYNC_KEY)
+        config = {k: v for k, v in model.config.items() if k not in reserved}
         return [Train(round=model.round, weights=model.weights, config=config, extras=model.extras)]
 
     def _on_manifest(self, event: ManifestReceived) -> list[Command]:
@@ -219,6 +237,7 @@ class FedAvgClient:
         if self._task_round:
             out.append(CancelTraining(round=self._task_round))
             self._task_round = 0
+        self._next = None
         self._set_state(ClientState.DONE)
         return [*out, Stop(reason=f"the server finished the run at round {event.round}")]
 
@@ -265,4 +284,7 @@ class FedAvgClient:
     def _done(self, command: Command) -> list[Command]:
         self._task_round = 0
         self._set_state(ClientState.IDLE)
+        upcoming, self._next = self._next, None
+        if upcoming is not None and upcoming.round > self._acted:
+            return [command, *self._start(upcoming)]
         return [command]

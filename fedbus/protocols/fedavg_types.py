@@ -21,6 +21,7 @@ from fedbus.errors import ConfigError
 from fedbus.protocols.base import Command, Event
 
 __all__ = [
+    "ASYNC_KEY",
     "EVALUATE_KEY",
     "TASK_EVALUATE",
     "TASK_KEY",
@@ -69,6 +70,10 @@ TASK_TRAIN: Final = "train"
 TASK_EVALUATE: Final = "evaluate"
 EVALUATE_KEY: Final = "evaluate"
 """Broadcast config key, True under federated evaluation: evaluate before training."""
+ASYNC_KEY: Final = "async"
+"""Broadcast config key, True from an asynchronous (FedBuff) server: a newer model
+does not cancel the training in progress; the client finishes it, sends it (the
+server discounts it by its staleness), then trains on the newest model it has."""
 
 
 class RejectReason(enum.StrEnum):

@@ -56,6 +56,7 @@ from fedbus.aggregation.mean import weighted_sum
 from fedbus.errors import ConfigError, LocalProtocolError
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg_types import (
+    ASYNC_KEY,
     TASK_KEY,
     TASK_TRAIN,
     BroadcastModel,
@@ -202,6 +203,16 @@ class FedBuffServer:
     def weights(self) -> Arrays:
         """The newest model."""
         return self._weights
+
+    @property
+    def completed_round(self) -> int:
+        """Aggregations done: the newest version (the server runtime's view of progress)."""
+        return self._version
+
+    @property
+    def live_nodes(self) -> frozenset[NodeId]:
+        """Nodes that joined and have not left (every broadcast goes to all of them)."""
+        return frozenset(self._live)
 
     @property
     def buffered(self) -> int:
@@ -362,7 +373,7 @@ class FedBuffServer:
         return [
             BroadcastModel(
                 round=self._version, attempt=1, weights=self._weights, selected=selected,
-                config={**self.config.train_config, TASK_KEY: TASK_TRAIN},
+                config={**self.config.train_config, TASK_KEY: TASK_TRAIN, ASYNC_KEY: True},
                 request_id=f"{self.run}:{self._version}",
             )
         ]  # fmt: skip

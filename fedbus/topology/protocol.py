@@ -12,12 +12,26 @@ from fedbus.topology.model import AggregatorSpec
 from fedbus.topology.problems import Checked
 from fedbus.topology.robustness import ValidatorSpec
 
-__all__ = ["EVALUATE_MODES", "MIXINGS", "PROTOCOL_KINDS", "REHOME_MODES", "ProtocolConfig"]
+__all__ = [
+    "EVALUATE_MODES",
+    "MIXINGS",
+    "MODES",
+    "PROTOCOL_KINDS",
+    "REHOME_MODES",
+    "ProtocolConfig",
+]
 
 PROTOCOL_KINDS: Final = ("centralized", "hierarchical", "gossip")
 EVALUATE_MODES: Final = ("central", "federated")
 REHOME_MODES: Final = ("parent", "sibling")
 MIXINGS: Final = ("metropolis", "push_sum")
+MODES: Final = ("sync", "async")
+_ASYNC_DEFAULTS: Final = (
+    ("buffer_size", None),
+    ("max_staleness", 10),
+    ("server_lr", 1.0),
+    ("staleness_exponent", 0.5),
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +61,14 @@ class ProtocolConfig(Checked):
             metropolis): round r trains with ``lr * lr_decay ** (r - 1)``.
         final_mixing_rounds: mixing-only rounds after ``rounds`` (gossip, metropolis).
         validators: update checks every aggregating node runs before aggregating.
+        mode: ``sync`` (rounds) or ``async`` (centralized only: FedBuff-style
+            buffered aggregation, `fedbus.protocols.fedbuff`; ``rounds`` then
+            counts aggregations).
+        buffer_size: K, updates per aggregation (async); None: min(10, clients).
+        max_staleness: updates trained on a model more than this many versions
+            old are rejected (async).
+        server_lr: the server's learning rate on the buffered mean delta (async).
+        staleness_exponent: a in the weight (1 + staleness) ** -a (async).
     """
 
     kind: Literal["centralized", "hierarchical", "gossip"] = "centralized"
@@ -64,6 +86,11 @@ class ProtocolConfig(Checked):
     lr_decay: float = 1.0
     final_mixing_rounds: int = 0
     validators: tuple[ValidatorSpec, ...] = ()
+    mode: Literal["sync", "async"] = "sync"
+    buffer_size: int | None = None
+    max_staleness: int = 10
+    server_lr: float = 1.0
+    staleness_exponent: float = 0.5
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.kind not in PROTOCOL_KINDS:
@@ -100,6 +127,45 @@ class ProtocolConfig(Checked):
         if len(gates) > 1:
             yield f"validators[{gates[1]}]", "validation_accuracy may be given once"
         yield from self._kind_problems()
+        yield from self._async_problems()
+
+    def _async_problems(self) -> Iterator[tuple[str, str]]:
+        """The FedBuff keys: ranges under ``mode: async``, defaults everywhere else.
+
+        Why strict: an async key left under a sync run (or a sync-only key
+        under async) would be silently ignored, and the run would not be
+        the one the file describes.
+        """
+        if self.mode not in MODES:
+            yield "mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}"
+            return
+        if self.mode == "sync":
+            for name, default in _ASYNC_DEFAULTS:
+                if getattr(self, name) != default:
+                    yield name, "applies only to mode 'async'"
+            return
+        if self.kind != "centralized":
+            yield "mode", "'async' applies only to protocol kind 'centralized'"
+        if self.buffer_size is not None and self.buffer_size < 1:
+            yield "buffer_size", f"must be at least 1, got {self.buffer_size}"
+        if self.max_staleness < 0:
+            yield "max_staleness", f"must be at least 0, got {self.max_staleness}"
+        if not (self.server_lr > 0 and math.isfinite(self.server_lr)):
+            yield "server_lr", f"must be a positive number, got {self.server_lr}"
+        a = self.staleness_exponent
+        if not (a >= 0 and math.isfinite(a)):
+            yield "staleness_exponent", f"must be a number >= 0, got {a}"
+        for name in ("clients_per_round", "fraction"):
+            if getattr(self, name) is not None:
+                yield name, "not used by mode 'async': every client trains on every model"
+        if self.min_clients != 1:
+            yield "min_clients", "not used by mode 'async' (buffer_size sets the quorum)"
+        if self.aggregator != AggregatorSpec():
+            yield "aggregator", "not used by mode 'async' (staleness-weighted buffered mean)"
+        if self.validators:
+            yield "validators", "not supported with mode 'async' yet"
+        if self.evaluate != "central":
+            yield "evaluate", "mode 'async' evaluates centrally (needs a data section)"
 
     def _kind_problems(self) -> Iterator[tuple[str, str]]:
         if self.kind != "hierarchical":

@@ -142,6 +142,9 @@ class Topology(Checked):
             selected = protocol.selected_per_round(n)
             if n and protocol.min_clients > selected:
                 yield "protocol.min_clients", f"exceeds the {selected} clients selected per round"
+            if protocol.buffer_size is not None and n and protocol.buffer_size > n:
+                # K updates from n < K clients would need one client twice per version.
+                yield "protocol.buffer_size", f"exceeds the {n} clients"
         elif kind == "hierarchical":
             if not nodes.edges:
                 yield "nodes.edges", "protocol 'hierarchical' needs edges"

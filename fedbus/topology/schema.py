@@ -240,7 +240,8 @@ def _read_training(ctx: Context, node: Located | None) -> TrainingConfig:
 _PROTOCOL_KEYS = (
     "kind", "rounds", "clients_per_round", "fraction", "min_clients", "round_timeout_s",
     "join_timeout_s", "evaluate", "aggregator", "edge_rounds", "rehome", "mixing", "validators",
-    "lr_decay", "final_mixing_rounds",
+    "lr_decay", "final_mixing_rounds", "mode", "buffer_size", "max_staleness", "server_lr",
+    "staleness_exponent",
 )  # fmt: skip
 
 
@@ -265,6 +266,11 @@ def _read_protocol(ctx: Context, node: Located | None, evaluate: str) -> Protoco
         lr_decay=sec.number("lr_decay", 1.0),
         final_mixing_rounds=sec.integer("final_mixing_rounds", 0),
         validators=read_validators(ctx, sec.node("validators"), sec.at("validators")),
+        mode=sec.text("mode", "sync"),
+        buffer_size=sec.opt_integer("buffer_size"),
+        max_staleness=sec.integer("max_staleness", 10),
+        server_lr=sec.number("server_lr", 1.0),
+        staleness_exponent=sec.number("staleness_exponent", 0.5),
     )
 
 

@@ -215,3 +215,33 @@ class FedBuffMachine(RuleBasedStateMachine):
 
 FedBuffMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 test_fedbuff_stateful = FedBuffMachine.TestCase
+
+
+def test_async_client_finishes_stale_work_then_trains_on_the_newest_model() -> None:
+    from fedbus.protocols.fedavg import (
+        ASYNC_KEY,
+        CancelTraining,
+        FedAvgClient,
+        ModelReceived,
+        SendUpdate,
+        Train,
+        TrainingDone,
+    )
+
+    client = FedAvgClient(run=RUN)
+    cfg = {"epochs": 1, ASYNC_KEY: True}
+
+    def model(r: int) -> ModelReceived:
+        return ModelReceived(run=RUN, round=r, weights=_w(0.0), selected=True, config=cfg)
+
+    assert _of(client.handle(model(1), now=0.0), Train)[0].round == 1
+    # Versions 2 and 3 arrive while training on 1: nothing is cancelled.
+    assert client.handle(model(2), now=1.0) == []
+    assert client.handle(model(3), now=2.0) == []
+    done = TrainingDone(round=1, weights=_w(1.0), num_examples=1)
+    out = client.handle(done, now=3.0)
+    assert not _of(out, CancelTraining)
+    assert [c.round for c in _of(out, SendUpdate)] == [1]  # the stale update, tagged 1
+    (train,) = _of(out, Train)
+    assert train.round == 3  # the newest version
+    assert ASYNC_KEY not in train.config
