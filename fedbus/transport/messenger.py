@@ -90,10 +90,20 @@ class _InFlight:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def add(self, publish: Coroutine[Any, Any, None]) -> None:
-        """Start ``publish``; first wait while ``limit`` publishes are outstanding."""
+        """Start ``publish``; first wait while ``limit`` publishes are outstanding.
+
+        Returns after one pass of the event loop, in which the publish builds
+        and hands over its packet and the loop does its I/O. Why: a credit
+        starts up to ``limit`` publishes at once, and building all of them
+        (about 1 ms per MB chunk) before the loop next wrote to the socket
+        left the connection idle: the receiver got chunk 1 of a 40 MB stream
+        25-65 ms after chunk 0 (fedbus went from about 0.75x to about 1x of
+        raw paho's throughput with this yield).
+        """
         while len(self._tasks) >= self._limit:
             await self._wait(asyncio.FIRST_COMPLETED)
         self._tasks.add(asyncio.ensure_future(publish))
+        await asyncio.sleep(0)
 
     async def drain(self) -> None:
         """Wait for every outstanding publish; raise the first failure."""

@@ -16,7 +16,7 @@ from fedbus.errors import ConfigError, TransferError
 from fedbus.flow import TransferLimits
 from fedbus.messages import Chunk, Heartbeat, ModelBroadcast, ModelUpdate, Tensor
 from fedbus.transport.memory import MemoryBus
-from fedbus.transport.messenger import Incoming, Messenger
+from fedbus.transport.messenger import Incoming, Messenger, _InFlight
 
 RUN = "run-1"
 FAST = TransferLimits(request_gap_s=0.05, transfer_timeout_s=5.0, credit_timeout_s=5.0)
@@ -281,3 +281,23 @@ async def test_messages_ends_on_close() -> None:
         await asyncio.sleep(0)
         await m["a"].aclose()
         assert await asyncio.wait_for(task, 2) == []
+
+
+async def test_inflight_add_starts_each_publish_before_returning() -> None:
+    # A credit lets many chunks go at once; each must reach the transport
+    # before the next is built, not all in one pass of the event loop (the
+    # socket sat idle meanwhile: chunk 1 of a 40 MB stream came 25-65 ms late).
+    started: list[int] = []
+
+    async def publish(i: int) -> None:
+        started.append(i)
+        await asyncio.sleep(0.01)
+
+    inflight = _InFlight(4)
+    try:
+        for i in range(6):
+            await inflight.add(publish(i))
+            assert started == list(range(i + 1))
+        await inflight.drain()
+    finally:
+        await inflight.cancel()
