@@ -19,10 +19,16 @@ the machine then enters its ERROR state and refuses everything after.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Command", "Event", "Machine"]
+from fedbus.errors import LocalProtocolError
+
+__all__ = ["Command", "Event", "Machine", "legal_targets"]
+
+_S = TypeVar("_S", bound=enum.Enum)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,3 +62,18 @@ class Machine(Protocol):
     def next_deadline(self) -> float | None:
         """When the machine must be handled again if no event comes (None: never)."""
         ...
+
+
+def legal_targets(table: Mapping[_S, Mapping[type[Event], _T]], state: _S, event: Event) -> _T:
+    """The transition-table entry for ``event`` in ``state`` (h11: illegal = failed lookup).
+
+    Every machine keeps its transitions as a ``TRANSITIONS`` table of
+    state -> event type -> allowed next states; this is the one lookup.
+
+    Raises:
+        LocalProtocolError: ``event`` is illegal in ``state``.
+    """
+    targets = table[state].get(type(event))
+    if targets is None:
+        raise LocalProtocolError(f"{type(event).__name__} is illegal in state {state.name}")
+    return targets

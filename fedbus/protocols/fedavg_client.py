@@ -49,7 +49,7 @@ import math
 
 from fedbus._types import RunId
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event
+from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_types import (
     ASYNC_KEY,
     EVALUATE_KEY,
@@ -157,11 +157,7 @@ class FedAvgClient:
                 asked for, time going backwards, or the machine is in ERROR.
         """
         try:
-            allowed = CLIENT_TRANSITIONS[self._state].get(type(event))
-            if allowed is None:
-                raise LocalProtocolError(
-                    f"{type(event).__name__} is illegal in state {self._state.name}"
-                )
+            allowed = legal_targets(CLIENT_TRANSITIONS, self._state, event)
             if now < self._now:
                 raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
             self._now = now

@@ -79,7 +79,7 @@ from fedbus.aggregation import (
     broadcast_extras,
 )
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event
+from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_server_states import TRANSITIONS, ServerState
 from fedbus.protocols.fedavg_types import (
     EVALUATE_KEY,
@@ -217,11 +217,7 @@ class FedAvgServer(DeadlineFirst):
     # --- dispatch ------------------------------------------------------------
 
     def _dispatch(self, event: Event) -> list[Command]:
-        allowed = TRANSITIONS[self._state].get(type(event))
-        if allowed is None:
-            raise LocalProtocolError(
-                f"{type(event).__name__} is illegal in state {self._state.name}"
-            )
+        allowed = legal_targets(TRANSITIONS, self._state, event)
         self._allowed = allowed
         match event:
             case Started():

@@ -91,7 +91,7 @@ import numpy as np
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Arrays
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event
+from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_types import (
     Finish,
     Reject,
@@ -265,11 +265,7 @@ class GossipPeer(DeadlineFirst):
     # --- dispatch ------------------------------------------------------------
 
     def _dispatch(self, event: Event) -> list[Command]:
-        allowed = PEER_TRANSITIONS[self._state].get(type(event))
-        if allowed is None:
-            raise LocalProtocolError(
-                f"{type(event).__name__} is illegal in state {self._state.name}"
-            )
+        allowed = legal_targets(PEER_TRANSITIONS, self._state, event)
         self._allowed = allowed
         match event:
             case Started():

@@ -59,7 +59,7 @@ import numpy as np
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Arrays, cast_like
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event
+from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_types import (
     Finish,
     Reject,
@@ -201,11 +201,7 @@ class PushSumPeer(DeadlineFirst):
         self._state = PushSumState.ERROR
 
     def _dispatch(self, event: Event) -> list[Command]:
-        allowed = PUSH_SUM_TRANSITIONS[self._state].get(type(event))
-        if allowed is None:
-            raise LocalProtocolError(
-                f"{type(event).__name__} is illegal in state {self._state.name}"
-            )
+        allowed = legal_targets(PUSH_SUM_TRANSITIONS, self._state, event)
         self._allowed = allowed
         match event:
             case Started():

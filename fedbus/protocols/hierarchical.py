@@ -68,7 +68,7 @@ from collections.abc import Sequence
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Aggregator, FedAvg, Validator
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event
+from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_server import FedAvgServer
 from fedbus.protocols.fedavg_types import (
     BroadcastModel,
@@ -235,11 +235,7 @@ class EdgeAggregator:
         if self._state is EdgeState.ERROR:
             raise LocalProtocolError("the edge aggregator is in ERROR and accepts nothing")
         try:
-            allowed = EDGE_TRANSITIONS[self._state].get(type(event))
-            if allowed is None:
-                raise LocalProtocolError(
-                    f"{type(event).__name__} is illegal in state {self._state.name}"
-                )
+            allowed = legal_targets(EDGE_TRANSITIONS, self._state, event)
             if now < self._now:
                 raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
             self._now = now

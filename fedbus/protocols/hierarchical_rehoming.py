@@ -49,7 +49,7 @@ from typing import Final, Literal
 
 from fedbus._types import NodeId
 from fedbus.errors import ConfigError, LocalProtocolError
-from fedbus.protocols.base import Command, Event
+from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_types import ModelReceived, Started, Tick
 
 __all__ = [
@@ -221,10 +221,7 @@ class Rehoming:
             LocalProtocolError: illegal event, time went backwards, or ERROR.
         """
         try:
-            if REHOME_TRANSITIONS[self._state].get(type(event)) is None:
-                raise LocalProtocolError(
-                    f"{type(event).__name__} is illegal in state {self._state.name}"
-                )
+            legal_targets(REHOME_TRANSITIONS, self._state, event)
             if now < self._now:
                 raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
             self._now = now
