@@ -138,13 +138,15 @@ class _Adaptive(_ServerOptimizer):
 
     slots = ("m", "v")
 
+    # One signature and one set of defaults for the whole family (Reddi et al.'s
+    # recommended values); subclasses differ only in their second moment.
     def __init__(
         self,
-        eta: float,
-        beta_1: float,
-        beta_2: float,
-        tau: float,
-        inner: Aggregator | None,
+        eta: float = 1e-2,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        tau: float = 1e-3,
+        inner: Aggregator | None = None,
     ) -> None:
         self.eta = float_param(eta, "eta", low=0.0, low_open=True)
         self.beta_1 = float_param(beta_1, "beta_1", low=0.0, high=1.0, high_open=True)
@@ -183,16 +185,6 @@ class FedAdagrad(_Adaptive):
 
     name: Final = "fedadagrad"
 
-    def __init__(
-        self,
-        eta: float = 1e-2,
-        beta_1: float = 0.9,
-        beta_2: float = 0.99,
-        tau: float = 1e-3,
-        inner: Aggregator | None = None,
-    ) -> None:
-        super().__init__(eta, beta_1, beta_2, tau, inner)
-
     def second_moment(self, v: F64, delta_sq: F64) -> None:
         """Adagrad accumulates."""
         v += delta_sq
@@ -210,16 +202,6 @@ class FedAdam(_Adaptive):
     """
 
     name: Final = "fedadam"
-
-    def __init__(
-        self,
-        eta: float = 1e-2,
-        beta_1: float = 0.9,
-        beta_2: float = 0.99,
-        tau: float = 1e-3,
-        inner: Aggregator | None = None,
-    ) -> None:
-        super().__init__(eta, beta_1, beta_2, tau, inner)
 
     def second_moment(self, v: F64, delta_sq: F64) -> None:
         """Exponential moving average."""
@@ -242,16 +224,6 @@ class FedYogi(_Adaptive):
     """
 
     name: Final = "fedyogi"
-
-    def __init__(
-        self,
-        eta: float = 1e-2,
-        beta_1: float = 0.9,
-        beta_2: float = 0.99,
-        tau: float = 1e-3,
-        inner: Aggregator | None = None,
-    ) -> None:
-        super().__init__(eta, beta_1, beta_2, tau, inner)
 
     def second_moment(self, v: F64, delta_sq: F64) -> None:
         """Yogi's sign-controlled additive update."""
