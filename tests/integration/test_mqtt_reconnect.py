@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
+from faults import TcpRelay
 
 from fedbus.broker import ManagedBroker
 from fedbus.config import ReconnectPolicy
@@ -18,63 +18,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(45)]
 
 WAIT_S = 10.0
 FAST_RECONNECT = ReconnectPolicy(initial_s=0.05, max_s=0.3, deadline_s=20.0)
-
-
-class KillableProxy:
-    """A TCP relay to the broker whose connections the test can cut without a DISCONNECT.
-
-    Aborting both sockets is what a crashed node looks like to the broker,
-    without touching the transport's private socket.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self._target_port = target_port
-        self._server: asyncio.Server | None = None
-        self._sockets: list[asyncio.StreamWriter] = []
-        self._pipes: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    async def __aenter__(self) -> KillableProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        self.kill()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    def stop_accepting(self) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    def kill(self) -> None:
-        """Abort every relayed connection (RST, no DISCONNECT)."""
-        for writer in self._sockets:
-            writer.transport.abort()
-        self._sockets.clear()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._sockets += [writer, up_writer]
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        dst.transport.abort()
 
 
 async def _next(stream: AsyncIterator[Received]) -> Received:
@@ -92,15 +35,14 @@ async def test_last_will_on_a_dead_socket_not_on_a_clean_close(
         stream = observer.messages()
 
         # Unclean: the connection dies under the node; the broker publishes its will.
-        async with KillableProxy(mosquitto.port) as proxy:
+        async with TcpRelay(mosquitto.port) as proxy:
             crashed = MqttTransport(
                 mosquitto.client_config(port=proxy.port, reconnect=FAST_RECONNECT),
                 f"{unique_prefix}-crashed",
                 will=Will(will_topic, b"crashed gone"),
             )
             async with crashed:
-                proxy.stop_accepting()  # its reconnects must fail: it stays "crashed"
-                proxy.kill()
+                proxy.crash()  # no DISCONNECT, and its reconnects fail: it stays "crashed"
                 got = await _next(stream)
                 assert got == Received(will_topic, b"crashed gone", qos=1, retain=False)
 
