@@ -56,6 +56,7 @@ from fedbus.messages import (
     Manifest,
     ModelBroadcast,
     ModelUpdate,
+    Tensor,
     UpdateFailure,
     extra_tensors,
     extras_from_arrays,
@@ -81,7 +82,7 @@ from fedbus.protocols.fedavg import (
     TrainingFailed,
 )
 from fedbus.transport.base import Transport, Will
-from fedbus.transport.messenger import Messenger
+from fedbus.transport.messenger import Incoming, Messenger
 
 if TYPE_CHECKING:
     from fedbus.nodes.serving import TfliteServing
@@ -93,8 +94,11 @@ log = logging.getLogger(__name__)
 INLINE_WORK_S: Final = 0.002
 """Local work that last took less than this runs on the event loop (module docstring)."""
 
-_INLINE_WALL_S: Final = 0.05
-"""Work that took longer than this in wall time stays in a thread, whatever its CPU time."""
+_PROBE_WAIT_S: Final = 0.05
+"""How long a node waits for another node's first measured work before using a thread."""
+
+_PROBES: dict[tuple[type, str], tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+"""(trainer class, kind) -> (its loop, an event set once the first such work was measured)."""
 
 _COST_PER_EXAMPLE: dict[tuple[type, str], float] = {}
 """(trainer class, "fit"/"evaluate") -> CPU seconds per local example last measured here."""
@@ -272,33 +276,53 @@ class ClientNode:
     # -- messages -> events --------------------------------------------------------
 
     async def _receive(self, driver: Driver, messenger: Messenger) -> None:
-        async for _topic, msg in messenger.messages():
-            if isinstance(msg, Manifest):
-                event: Event | None = await self._on_manifest(msg, driver, messenger)
-            elif isinstance(msg, ModelBroadcast):
-                event = self._on_model(msg)
-            elif isinstance(msg, Ack):
-                if msg.ref in self._join_ids:
-                    self._confirmed.set()
-                elif msg.status == "rejected":
-                    log.debug("%s: update %s rejected: %s", self.id, msg.ref, msg.detail)
-                event = None
-            else:
-                event = None
-            if self._exit:
-                driver.stop()
-                return
-            if event is not None:
-                driver.post(event)
+        """Turn each message into an event for the driver, in the messenger's receive task.
 
-    async def _on_manifest(
-        self, msg: Manifest, driver: Driver, messenger: Messenger
-    ) -> Event | None:
+        Messages reach `_on_incoming` synchronously (`Messenger.deliver_to`):
+        no queue and no task of its own between the messenger and the driver,
+        so a model broadcast costs a simulated client one task wake-up (the
+        driver's) instead of two. This loop only waits for the end.
+        """
+
+        def sink(incoming: Incoming) -> None:
+            self._on_incoming(incoming.message, driver, messenger)
+
+        messenger.deliver_to(sink)
+        try:
+            async for incoming in messenger.messages():
+                sink(incoming)  # only what was queued before the sink was set
+        finally:
+            messenger.deliver_to(None)
+
+    def _on_incoming(self, msg: object, driver: Driver, messenger: Messenger) -> None:
+        if self._exit:
+            return  # a simulated fault took the node away: hear nothing more
+        if isinstance(msg, Manifest):
+            event: Event | None = self._on_manifest(msg, driver, messenger)
+        elif isinstance(msg, ModelBroadcast):
+            event = self._on_model(msg)
+        elif isinstance(msg, Ack):
+            if msg.ref in self._join_ids:
+                self._confirmed.set()
+            elif msg.status == "rejected":
+                log.debug("%s: update %s rejected: %s", self.id, msg.ref, msg.detail)
+            event = None
+        else:
+            event = None
+        if self._exit:
+            driver.stop()
+        elif event is not None:
+            driver.post(event)
+
+    def _on_manifest(self, msg: Manifest, driver: Driver, messenger: Messenger) -> Event | None:
         if msg.run != self.machine.run:
             if msg.state == "finished":
                 return None  # a run we never took part in ended: wait for the next
             log.info("%s: run %s (round %d, %s)", self.id, msg.run, msg.round, msg.state)
-            await self._cancel_tasks()
+            # Abandon the old session's work. Not awaited: a cancelled task never
+            # posts (CancelledError passes `_work_on`), and the new machine drops
+            # results of work it did not ask for.
+            self._cancel_tasks_now()
             self.machine = FedAvgClient(run=RunId(msg.run))
             driver.replace(self.machine)
             self._control = None
@@ -319,7 +343,7 @@ class ClientNode:
         if _is_selected(self.id, msg.selected, explicit=True):
             self._confirmed.set()
         self._check_faults(msg.round)
-        weights = tensors_to_arrays(msg.weights)
+        weights = _shared_arrays(msg.weights)
         if self.tflite is not None and msg.round != self._served_round:
             # On the loop: a patch, a fresh interpreter and one batched invoke, well
             # under a millisecond for the built-in models; never in a worker thread,
@@ -390,7 +414,10 @@ class ClientNode:
                 if self._faults is not None and self._faults.drops(command.round):
                     log.debug("%s: simulated dropout in round %d", self.id, command.round)
                     return False
-                self._work = self._spawn(self._work_on(command, self._driver.post), "train")
+                if self._inline(command):
+                    await self._work_on(command, self._driver.post)
+                else:
+                    self._work = self._spawn(self._work_on(command, self._driver.post), "train")
             case CancelTraining():
                 if self._work is not None:
                     self._work.cancel()
@@ -487,45 +514,95 @@ class ClientNode:
         )  # fmt: skip
         return delta
 
-    async def _timed(self, kind: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(*args)`` in a worker thread, or inline when it is known to be tiny.
-
-        Only `NumpyTrainer` work is ever inlined (module docstring). Tiny: this node's previous work of this ``kind`` used under
-        ``INLINE_WORK_S`` of CPU and of wall time; before its first one, the
-        per-example cost other nodes of the same trainer class measured in
-        this process, times this node's examples. CPU time (``thread_time`` in
-        the thread that runs ``fn``) does not count the wait for a free worker
-        or for the GIL, so a queue of 1,000 clients does not hide a tiny fit;
-        the wall-time bound keeps work that waits on I/O in a thread.
-        """
-        if type(self.trainer) is not NumpyTrainer:
-            return await asyncio.to_thread(fn, *args)
+    def _estimate(self, kind: str) -> float | None:
+        """Expected CPU seconds of this node's next work of ``kind`` (None: unknown)."""
         estimate = self._work_s.get(kind)
         if estimate is None:
             per_example = _COST_PER_EXAMPLE.get((type(self.trainer), kind))
             if per_example is not None and self._num_examples:
                 estimate = per_example * self._num_examples
+        return estimate
 
-        def call() -> _T:
-            cpu, wall = time.thread_time(), time.perf_counter()
+    def _inline(self, command: Train | Evaluate) -> bool:
+        """Whether ``command``'s work runs to its end inside the driver, without a task.
+
+        Only work that `_timed` runs on the loop anyway (tiny `NumpyTrainer`
+        work), with no simulated attack or straggler delay (both await): the
+        driver then handles the result next, with no task to create and wake.
+        Nothing can overtake it (the driver takes no event meanwhile), so there
+        is nothing to cancel.
+        """
+        if type(self.trainer) is not NumpyTrainer or self._attack is not None:
+            return False
+        if self._faults is not None and self._faults.delay_s(command.round):
+            return False
+        kind = "fit" if isinstance(command, Train) else "evaluate"
+        estimate = self._estimate(kind)
+        return estimate is not None and estimate < INLINE_WORK_S
+
+    async def _timed(self, kind: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` in a worker thread, or inline when it is known to be tiny.
+
+        Only `NumpyTrainer` work is ever inlined (module docstring): pure CPU,
+        it never waits on anything. Tiny: this node's previous work of this
+        ``kind`` used under ``INLINE_WORK_S`` of CPU; before its first one, the
+        per-example cost measured in this process, times this node's examples.
+        CPU time, not wall time: a fit in a thread waits for the GIL while the
+        loop runs 1,000 other clients, and that wait says nothing of its cost.
+
+        The first work of a kind in the process runs in a thread and is
+        measured; nodes that need an estimate meanwhile wait for it (up to
+        ``_PROBE_WAIT_S``), so 1,000 clients starting together do not all
+        take the thread path in round 1.
+        """
+        if type(self.trainer) is not NumpyTrainer:
+            return await asyncio.to_thread(fn, *args)
+        key = (type(self.trainer), kind)
+        estimate = self._estimate(kind)
+        probe: asyncio.Event | None = None
+        if estimate is None:
+            loop = asyncio.get_running_loop()
+            entry = _PROBES.get(key)
+            waiting = entry[1] if entry is not None and entry[0] is loop else None
+            if waiting is None:
+                probe = asyncio.Event()
+                _PROBES[key] = (loop, probe)
+            elif not waiting.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_PROBE_WAIT_S):
+                        await waiting.wait()
+                estimate = self._estimate(kind)
+
+        def call(cpu_clock: Callable[[], float]) -> _T:
+            cpu = cpu_clock()
             try:
                 return fn(*args)
             finally:
-                cpu = time.thread_time() - cpu
-                used = cpu if time.perf_counter() - wall < _INLINE_WALL_S else math.inf
+                used = cpu_clock() - cpu
                 self._work_s[kind] = used
                 if self._num_examples:
-                    _COST_PER_EXAMPLE[(type(self.trainer), kind)] = used / self._num_examples
+                    _COST_PER_EXAMPLE[key] = used / self._num_examples
 
         if estimate is not None and estimate < INLINE_WORK_S:
-            return call()
-        return await asyncio.to_thread(call)
+            # On the loop, wall time is the CPU time (nothing else runs meanwhile),
+            # and perf_counter is several times cheaper than thread_time.
+            return call(time.perf_counter)
+        try:
+            return await asyncio.to_thread(call, time.thread_time)
+        finally:
+            if probe is not None:
+                probe.set()
 
     def _spawn(self, coro: Any, what: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=f"fedbus[{self.id}].{what}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _cancel_tasks_now(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._work = None
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)
@@ -560,6 +637,27 @@ def _is_selected(node_id: str, selected: list[str], *, explicit: bool = False) -
         entry = (selected, frozenset(selected))
         _selected_sets[id(selected)] = entry
     return node_id in entry[1] or (not explicit and ALL_SELECTED in entry[1])
+
+
+_array_views: dict[int, tuple[Mapping[str, Tensor], dict[str, npt.NDArray[Any]]]] = {}
+"""id(tensor map) -> (the map, its numpy views), for the last few shared broadcasts."""
+
+
+def _shared_arrays(tensors: Mapping[str, Tensor]) -> dict[str, npt.NDArray[Any]]:
+    """`tensors_to_arrays` once per shared broadcast; each caller gets its own dict.
+
+    Why: like ``selected`` (`_is_selected`), a broadcast decoded once per
+    process reaches all its simulated clients as the same object; 1,000
+    clients made the same read-only views of it. The views are read-only
+    (the payload is immutable), so sharing them is safe; the dict is copied.
+    """
+    entry = _array_views.get(id(tensors))
+    if entry is None or entry[0] is not tensors:
+        if len(_array_views) >= 4:
+            _array_views.pop(next(iter(_array_views)))
+        entry = (tensors, tensors_to_arrays(tensors))
+        _array_views[id(tensors)] = entry
+    return dict(entry[1])
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, bool | int | float | str]:

@@ -243,6 +243,10 @@ def _merge(found: dict[MemoryTransport, int], subs: dict[MemoryTransport, int]) 
             found[client] = qos
 
 
+_PUBLISHES_PER_YIELD = 4
+"""A `MemoryTransport` yields to the event loop once per this many publishes."""
+
+
 class MemoryTransport:
     """One client connection to a `MemoryBus`, implementing `fedbus.transport.base.Transport`.
 
@@ -267,6 +271,8 @@ class MemoryTransport:
         self._max_payload_bytes = max_payload_bytes
         self._filters: dict[str, int] = {}
         self._queue: deque[Received] = deque()
+        self._receiver: Callable[[Received], None] | None = None
+        self._unyielded = 0
         self._wakeup = asyncio.Event()
         self._connected = False
         self._entered = False
@@ -337,7 +343,13 @@ class MemoryTransport:
         if "+" in topic or "#" in topic or not topic:
             raise ValueError(f"cannot publish to a topic filter: {topic!r}")
         self._bus._publish(self._client_id, topic, bytes(payload), min(qos, 1), retain)
-        await asyncio.sleep(0)  # stands in for the PUBACK round trip: let others run
+        self._unyielded += 1
+        if self._unyielded >= _PUBLISHES_PER_YIELD:
+            # Stands in for the PUBACK round trip: a publisher in a loop lets
+            # others run. Not on every publish: a client that publishes one
+            # update a round would pay a task wake-up for nothing.
+            self._unyielded = 0
+            await asyncio.sleep(0)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         """Subscribe; retained messages matching the filter are delivered at once."""
@@ -352,6 +364,16 @@ class MemoryTransport:
         self._check_open()
         if self._filters.pop(topic_filter, None) is not None:
             self._bus._unsubscribe(self, topic_filter)
+
+    def set_receiver(self, receiver: Callable[[Received], None] | None) -> None:
+        """Deliver each message by calling ``receiver`` at once instead of queueing it.
+
+        `fedbus.transport.base.PushReceiver`: the call happens inside the
+        publisher's ``publish``, so ``receiver`` must not block and must not
+        raise (it owns its errors). Messages queued before are still yielded
+        by `messages`, which ends as usual when the transport closes.
+        """
+        self._receiver = receiver
 
     async def messages(self) -> AsyncIterator[Received]:
         """Yield delivered messages in order until the transport is closed."""
@@ -391,10 +413,13 @@ class MemoryTransport:
             stats.dropped_queue_full += 1
             self._bus.stats.dropped_queue_full += 1
             return
-        self._queue.append(msg)
         stats.messages_in += 1
         stats.bytes_in += len(msg.payload)
         self._bus.stats.delivered += 1
+        if self._receiver is not None and not self._queue:
+            self._receiver(msg)
+            return
+        self._queue.append(msg)
         if len(self._queue) > stats.max_queue_depth:
             stats.max_queue_depth = len(self._queue)
         self._wakeup.set()
