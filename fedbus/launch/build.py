@@ -63,16 +63,22 @@ def fedbuff_config(topology: Topology) -> FedBuffConfig:
     """The FedBuff machine's config (``protocol.mode: async``); ``rounds`` counts aggregations.
 
     ``buffer_size`` defaults to min(10, clients): FedBuff's K = 10, but never more
-    updates than there are clients to send them at one version.
+    updates than there are clients to send them at one version. ``round_timeout_s``
+    is the aggregation deadline and ``min_clients`` the smallest buffer flushed at
+    it (`fedbus.protocols.fedbuff`).
     """
     p = topology.protocol
     clients = max(len(topology.nodes.clients), 1)
+    k = p.buffer_size if p.buffer_size is not None else min(10, clients)
     return FedBuffConfig(
-        buffer_size=p.buffer_size if p.buffer_size is not None else min(10, clients),
+        buffer_size=k,
         max_versions=p.rounds,
         max_staleness=p.max_staleness,
         server_lr=p.server_lr,
         staleness_exponent=p.staleness_exponent,
+        min_clients=min(p.min_clients, k),
+        round_timeout_s=p.round_timeout_s,
+        join_timeout_s=p.join_timeout_s,
         train_config=_train_config(topology),
     )
 

@@ -184,8 +184,6 @@ def run_command(args: argparse.Namespace) -> int:
             from fedbus.launch.kinds import run_kind_command
 
             return run_kind_command(args, topology)
-        if args.resume and topology.protocol.mode == "async":
-            raise UsageError("fedbus run: --resume does not support protocol mode 'async' yet")
         resume = _resume(args.resume, topology) if args.resume else None
     except UsageError as exc:
         print(exc, file=sys.stderr)

@@ -163,13 +163,16 @@ def make_server(
     expected = len(topology.nodes.clients)
     machine: FedAvgServer | FedBuffServer
     if topology.protocol.mode == "async":
-        if resume is not None:
-            raise ConfigError("resuming an asynchronous run is not supported", path="--resume")
         machine = FedBuffServer(
             fedbuff_config(topology),
             run=RunId(run_id),
-            weights=trainer.initial_weights(init_seed(topology.seed)),
-        )
+            weights=(
+                resume.weights if resume is not None
+                else trainer.initial_weights(init_seed(topology.seed))
+            ),
+            version=resume.round if resume is not None else 0,
+            validators=defenses.validators,
+        )  # fmt: skip
     elif resume is not None:
         machine = FedAvgServer.from_checkpoint(
             config,

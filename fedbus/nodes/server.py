@@ -20,13 +20,17 @@ stop re-sending them; rejected updates get an Ack ``rejected`` with the reason.
 Asynchronous runs (``mode: async``) drive a `FedBuffServer` with the same
 node: messages, byte accounting, results and summary are the same; each
 `BufferAggregated` becomes a metrics row (``round`` is the new model version,
-``participants`` the K buffered updates, ``staleness_mean``/``staleness_max``
-how many versions old they were). That machine issues no manifests, so the node
-publishes them itself: ``running`` before the first broadcast (clients learn the
-run id from it and join) and ``finished`` at the end (clients stop). On the
-wire, version v travels as round v + 1 (``_offset``): clients take round 0 for
-"before the run" and would never train on the initial model. Clients report no
-failures to it (the machine has no use for them: it just waits for K updates).
+``participants`` the buffered updates aggregated: K, or fewer after validator
+rejections or at the aggregation deadline, ``deadline_flush``;
+``staleness_mean``/``staleness_max`` how many versions old they were) and a
+checkpoint (``--resume`` continues from its version). That machine issues no
+manifests, so the node publishes them itself: ``running`` before the first
+broadcast (clients learn the run id from it and join) and ``finished`` at the
+end (clients stop). On the wire, version v travels as round v + 1
+(``_offset``): clients take round 0 for "before the run" and would never train
+on the initial model. Clients report no failures to it (the machine has no use
+for them: it waits for K updates, up to its aggregation deadline,
+`fedbus.protocols.fedbuff`).
 
 Byte accounting: a round's ``bytes_up``/``bytes_down`` are the payload bytes
 this node's connection received/sent between the close of the previous round
@@ -208,7 +212,6 @@ class ServerNode:
             if isinstance(machine, FedAvgServer)
             else machine.config.max_versions
         )
-        self._rejected_mark: Counter[str] = Counter()  # FedBuff: counts already reported
         self._offset = 1 if isinstance(machine, FedBuffServer) else 0  # wire round - version
         resume = settings.resume
         self._elapsed_base = resume.elapsed_s if resume else 0.0
@@ -259,7 +262,8 @@ class ServerNode:
                 receiver = tg.create_task(self._receive(driver), name=f"fedbus[{self.id}].receive")
                 worker = tg.create_task(self._results_worker(), name=f"fedbus[{self.id}].results")
                 if isinstance(self.machine, FedBuffServer):
-                    await self._publish_manifest("running", 0, 0)
+                    done = self.machine.completed_round  # > 0 when resumed
+                    await self._publish_manifest("running", done, 0)
                 await driver.feed(Started())
                 await driver.run()
                 self._queue.put_nowait(None)
@@ -404,21 +408,18 @@ class ServerNode:
         are the K buffered senders) so wall time, bytes, ``rejected`` and the
         checkpoint are accounted exactly as for FedAvg.
         """
-        assert isinstance(self.machine, FedBuffServer)
-        counts = Counter(self.machine.rejected)
-        rejected = counts - self._rejected_mark  # the machine's counts are cumulative
-        self._rejected_mark = counts
         train = {k: v for k, v in cmd.metrics.items() if k == "train_loss"}
         closed = RoundClosed(
             round=cmd.version, attempt=1, weights=cmd.weights,
             participants=tuple(sender for sender, _, _ in cmd.contributors), dropped=(),
-            rejected=dict(rejected), num_examples=cmd.num_examples, client_metrics=train,
+            rejected=dict(cmd.rejected), num_examples=cmd.num_examples, client_metrics=train,
             federated_metrics={}, aggregator_state={},
         )  # fmt: skip
         item = self._close_round(closed, messenger)
         stale = [s for _, _, s in cmd.contributors]
         item.row["staleness_mean"] = round(sum(stale) / len(stale), 6) if stale else 0.0
         item.row["staleness_max"] = max(stale, default=0)
+        item.row["deadline_flush"] = cmd.deadline  # a partial buffer flushed at the deadline
         return item
 
     def _close_round(self, cmd: RoundClosed, messenger: Messenger) -> _Closed:

@@ -3,24 +3,54 @@
 Theory of operation
 ===================
 
-States (`FedBuffState`)::
+States (`FedBuffState`, table in `fedbus.protocols.fedbuff_types`)::
 
-    IDLE --Started--> RUNNING --(max_versions aggregations)--> FINISHED (terminal; Finish)
+    IDLE --Started--> RUNNING --(max_versions aggregations)--> FINISHED (success)
+                              --(aggregation deadline, too few updates)--> FINISHED (failure)
     any --(our own misuse)--> ERROR (terminal)
 
 There are no rounds. The server holds model version v (0: the initial
 model). Clients train continuously on the newest model they have and answer
 with an update naming the version it was trained on (the update's ``round``).
 The server buffers updates; each time the buffer holds ``buffer_size`` (K)
-of them it aggregates::
+of them it aggregates the k updates that pass the validators::
 
-    x_{v+1} = x_v + server_lr * (1/K) * sum_i s(tau_i) * delta_i
+    x_{v+1} = x_v + server_lr * (1/k) * sum_i s(tau_i) * delta_i
     s(tau)  = (1 + tau) ** -staleness_exponent      (0.5: 1/sqrt(1 + tau))
 
 where tau_i = v - (version update i was trained on) and delta_i is the
 update's change to *the model it was trained on* (a dense update is turned
 into that delta on arrival, against the kept copy of that version), then
-broadcasts version v+1 to every live node.
+broadcasts version v+1 to every live node. Without rejections k = K, as in
+FedBuff; a rejected update is left out of the mean rather than counted as a
+zero step.
+
+Validators (``protocol.validators``, `fedbus.aggregation.validators`) judge a
+buffer when it is flushed, all at once, because the outlier checks compare
+updates with each other. Each sees every buffered update as its raw delta
+applied to the current model x_v (staleness weighting comes after), under a
+sender key ``"<sender>@<version>"`` (one sender may have two updates of
+different versions in a buffer), with ``round`` = v + 1. A rejected update
+becomes a `Reject` with the validator's reason and is counted in the next
+`BufferAggregated`'s ``rejected``. If fewer than ``min_clients`` survive, no
+aggregation happens: the survivors stay buffered and wait for more.
+
+Deadline (every wait has one): the server waits at most ``round_timeout_s``
+for the next accepted update, counted from the last accepted update, the
+last aggregation or the start (the first wait also gets ``join_timeout_s``,
+while nodes connect). At the deadline a buffer holding at least
+``min_clients`` updates is flushed as a partial buffer (validated, then the
+mean of what it holds; ``BufferAggregated.deadline`` is True), and the run
+goes on. Otherwise, or if too few survive the validators, the run ends with
+``Finish(success=False)`` and a reason naming the wait, the buffer and the
+live nodes: all clients crashed or left, or none can send an acceptable
+update. Joins and rejected updates are not progress, so a node that joins and
+leaves over and over cannot keep a run alive.
+
+Resuming: `FedBuffServer` takes ``version`` (a checkpoint's round) and that
+version's weights. Older versions are not kept in checkpoints, so an update
+trained on a version before the checkpoint is refused as ``stale_round``; the
+buffer at a checkpoint is empty (it is written after each aggregation).
 
 Rules and invariants:
 - versions only go forward, by one per aggregation; every `BroadcastModel`
@@ -32,29 +62,27 @@ Rules and invariants:
   (``foreign_run``), a version not yet published (``future_round``), a
   staleness above ``max_staleness`` (``stale_round``: its base model is no
   longer kept), a sender that never joined (``unselected``), a repeat
-  (``duplicate``), or tensors that do not fit the model (``invalid``);
+  (``duplicate``), tensors that do not fit the model (``invalid``), or when
+  a validator rejects it (the validator's name);
 - aggregation order is fixed (sender, version, id), so arrival order within a
-  buffer never changes a bit.
-
-No deadlines: `next_deadline` is always None (a buffer waits for K updates).
+  buffer never changes a bit;
+- time is an input: an expired deadline is handled before the event that
+  noticed it (`fedbus.protocols.timed.DeadlineFirst`).
 """
 
 from __future__ import annotations
 
-import enum
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from fedbus._types import NodeId, RunId
-from fedbus.aggregation import DELTA, DENSE, Arrays, cast_like
+from fedbus.aggregation import Arrays, Validator, cast_like
 from fedbus.aggregation.mean import weighted_sum
-from fedbus.errors import ConfigError, LocalProtocolError
-from fedbus.protocols.base import Command, Event
+from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_types import (
     ASYNC_KEY,
     TASK_KEY,
@@ -65,12 +93,22 @@ from fedbus.protocols.fedavg_types import (
     NodeLeft,
     Reject,
     RejectReason,
-    ScalarMap,
     Started,
+    Tick,
     UpdateReceived,
 )
+from fedbus.protocols.fedbuff_buffer import Buffered, buffered, invalid_detail, validate_buffer
+from fedbus.protocols.fedbuff_types import (
+    TRANSITIONS,
+    BufferAggregated,
+    FedBuffConfig,
+    FedBuffState,
+    staleness_weight,
+)
+from fedbus.protocols.timed import DeadlineFirst
 
 __all__ = [
+    "TRANSITIONS",
     "BufferAggregated",
     "FedBuffConfig",
     "FedBuffServer",
@@ -78,114 +116,45 @@ __all__ = [
     "staleness_weight",
 ]
 
-_PATH: Final = "protocol"
 
-
-class FedBuffState(enum.Enum):
-    """Where the asynchronous server stands."""
-
-    IDLE = "idle"
-    RUNNING = "running"
-    FINISHED = "finished"
-    ERROR = "error"
-
-
-TRANSITIONS: Final[Mapping[FedBuffState, frozenset[type[Event]]]] = {
-    FedBuffState.IDLE: frozenset({Started, NodeJoined, NodeLeft, UpdateReceived}),
-    FedBuffState.RUNNING: frozenset({NodeJoined, NodeLeft, UpdateReceived}),
-    FedBuffState.FINISHED: frozenset({NodeJoined, NodeLeft, UpdateReceived}),
-    FedBuffState.ERROR: frozenset(),
-}
-"""Events each state accepts; anything else is a `LocalProtocolError`."""
-
-
-def staleness_weight(staleness: int, exponent: float) -> float:
-    """s(tau) = (1 + tau) ** -exponent; 0.5 gives FedBuff's 1/sqrt(1 + tau)."""
-    return float((1.0 + staleness) ** -exponent)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FedBuffConfig:
-    """Settings of a FedBuff run (YAML ``protocol`` with ``mode: async``).
-
-    Attributes:
-        buffer_size: K, updates per aggregation.
-        max_versions: aggregations to run before finishing (the rounds' analogue).
-        max_staleness: updates older than this many versions are refused.
-        server_lr: the global learning rate eta_g.
-        staleness_exponent: a in s(tau) = (1 + tau) ** -a (0: no discount).
-        train_config: scalars sent with every model (epochs, lr, ...).
-    """
-
-    buffer_size: int = 10
-    max_versions: int = 10
-    max_staleness: int = 10
-    server_lr: float = 1.0
-    staleness_exponent: float = 0.5
-    train_config: ScalarMap = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("buffer_size", "max_versions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"must be an integer >= 1, got {value!r}", path=f"{_PATH}.{name}")
-        ms = self.max_staleness
-        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-            raise ConfigError(f"must be an integer >= 0, got {ms!r}", path=f"{_PATH}.max_staleness")
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
-            raise ConfigError(f"must be > 0, got {self.server_lr}", path=f"{_PATH}.server_lr")
-        a = self.staleness_exponent
-        if not (math.isfinite(a) and a >= 0):
-            raise ConfigError(f"must be >= 0, got {a}", path=f"{_PATH}.staleness_exponent")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BufferAggregated(Command):
-    """A full buffer was aggregated into model ``version`` (record it; checkpoint it).
-
-    ``contributors`` lists (sender, version trained on, staleness), in
-    aggregation order; ``weights`` is the new model.
-    """
-
-    version: int
-    weights: Arrays
-    contributors: tuple[tuple[NodeId, int, int], ...]
-    num_examples: int
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class _Buffered:
-    sender: NodeId
-    version: int
-    update_id: str
-    delta: dict[str, npt.NDArray[np.float64]]
-    num_examples: int
-    train_loss: float | None
-
-
-class FedBuffServer:
+class FedBuffServer(DeadlineFirst):
     """The FedBuff server machine (module docstring).
 
     Args:
-        config: buffer size, staleness bound and weighting, run length.
+        config: buffer size, staleness bound and weighting, deadline, run length.
         run: this run's id.
-        weights: the initial model (version 0).
+        weights: the model of ``version`` (the initial model for a fresh run).
+        version: the version ``weights`` is: 0 for a fresh run, a checkpoint's
+            round when resuming.
+        validators: screen each buffer before it is aggregated.
     """
 
-    def __init__(self, config: FedBuffConfig, *, run: RunId, weights: Arrays) -> None:
+    def __init__(
+        self,
+        config: FedBuffConfig,
+        *,
+        run: RunId,
+        weights: Arrays,
+        version: int = 0,
+        validators: Sequence[Validator] = (),
+    ) -> None:
         self.config = config
         self.run = run
         self._weights: dict[str, npt.NDArray[Any]] = {k: np.asarray(v) for k, v in weights.items()}
-        self._version = 0
-        self._history: dict[int, dict[str, npt.NDArray[Any]]] = {0: self._weights}
+        self._version = version
+        self._history: dict[int, dict[str, npt.NDArray[Any]]] = {version: self._weights}
+        self._validators = tuple(validators)
         self._state = FedBuffState.IDLE
         self._live: set[NodeId] = set()
-        self._buffer: list[_Buffered] = []
+        self._buffer: list[Buffered] = []
         self._seen_ids: set[str] = set()
         self._seen_pairs: set[tuple[NodeId, int]] = set()
-        self._now: float | None = None
+        self._now = -float("inf")
+        self._deadline: float | None = None
+        self._first_wait = True  # no update accepted yet in this session
+        self._since: Counter[str] = Counter()  # rejections since the last aggregation
         self.rejected: dict[str, int] = {}
+        """Rejections by reason over the whole session (cumulative)."""
 
     # --- Machine surface -----------------------------------------------------
 
@@ -220,28 +189,23 @@ class FedBuffServer:
         return len(self._buffer)
 
     def next_deadline(self) -> float | None:
-        """Never: a buffer waits for its K updates."""
-        return None
+        """The aggregation deadline while running (module docstring); None otherwise."""
+        return self._deadline
 
-    def handle(self, event: Event, *, now: float) -> list[Command]:
-        """Handle one event at time ``now``.
+    def _in_error(self) -> bool:
+        return self._state is FedBuffState.ERROR
 
-        Raises:
-            LocalProtocolError: an event illegal in the current state, or time going
-                backwards; the machine is then in ERROR.
-        """
-        if self._now is not None and now < self._now:
-            self._state = FedBuffState.ERROR
-            raise LocalProtocolError(f"time went backwards: {now} < {self._now}")
-        self._now = now
-        if type(event) not in TRANSITIONS[self._state]:
-            state = self._state
-            self._state = FedBuffState.ERROR
-            raise LocalProtocolError(f"{type(event).__name__} is illegal in {state.name}")
+    def _enter_error(self) -> None:
+        self._state = FedBuffState.ERROR
+
+    def _dispatch(self, event: Event) -> list[Command]:
+        legal_targets(TRANSITIONS, self._state, event)
         match event:
             case Started():
-                self._state = FedBuffState.RUNNING
-                return self._broadcast(tuple(sorted(self._live))) if self._live else []
+                return self._on_started()
+            case Tick():
+                expired = self._deadline is not None and self._now >= self._deadline
+                return self._on_deadline() if expired else []
             case NodeJoined():
                 new = event.node not in self._live
                 self._live.add(event.node)
@@ -255,41 +219,41 @@ class FedBuffServer:
                 return self._on_update(event)
         return []  # unreachable: TRANSITIONS admits only the cases above
 
+    def _on_started(self) -> list[Command]:
+        if self._version >= self.config.max_versions:  # resumed after the last aggregation
+            return self._finish(True, f"{self._version} aggregations done")
+        self._state = FedBuffState.RUNNING
+        self._deadline = self._now + self.config.join_timeout_s + self.config.round_timeout_s
+        return self._broadcast(tuple(sorted(self._live))) if self._live else []
+
     # --- updates -------------------------------------------------------------
+
+    def _reject(self, event: UpdateReceived, reason: str, detail: str) -> list[Command]:
+        self._count(reason)
+        return [
+            Reject(
+                sender=event.sender, round=event.round, reason=reason, detail=detail,
+                update_id=event.update_id,
+            )
+        ]  # fmt: skip
+
+    def _count(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self._since[reason] += 1
 
     def _on_update(self, event: UpdateReceived) -> list[Command]:
         reason, detail = self._classify(event)
         if reason:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            return [
-                Reject(
-                    sender=event.sender, round=event.round, reason=reason, detail=detail,
-                    update_id=event.update_id,
-                )
-            ]  # fmt: skip
+            return self._reject(event, reason, detail)
         if event.update_id:
             self._seen_ids.add(event.update_id)
         self._seen_pairs.add((event.sender, event.round))
-        base = self._history[event.round]
-        delta = {
-            n: (
-                np.asarray(event.weights[n], np.float64)
-                if event.encoding == DELTA
-                else np.asarray(event.weights[n], np.float64) - np.asarray(b, np.float64)
-            )
-            for n, b in base.items()
-        }
-        loss = event.metrics.get("train_loss")
-        self._buffer.append(
-            _Buffered(
-                sender=event.sender, version=event.round, update_id=event.update_id, delta=delta,
-                num_examples=event.num_examples,
-                train_loss=float(loss) if isinstance(loss, int | float) else None,
-            )
-        )  # fmt: skip
+        self._buffer.append(buffered(event, self._history[event.round]))
+        self._first_wait = False
+        self._deadline = self._now + self.config.round_timeout_s
         if len(self._buffer) < self.config.buffer_size:
             return []
-        return self._aggregate()
+        return self._flush(at_deadline=False)
 
     def _classify(self, event: UpdateReceived) -> tuple[str, str]:
         """(reason, detail) to refuse ``event``, or ("", "") to accept it."""
@@ -309,29 +273,63 @@ class FedBuffServer:
             event.round,
         ) in self._seen_pairs:
             return RejectReason.DUPLICATE, ""
-        detail = self._invalid(event)
+        detail = invalid_detail(event, self._weights)
         return (RejectReason.INVALID, detail) if detail else ("", "")
 
-    def _invalid(self, event: UpdateReceived) -> str:
-        if event.encoding not in (DENSE, DELTA):
-            return f"unknown encoding {event.encoding!r}"
-        if event.num_examples < 1:
-            return f"num_examples must be positive, got {event.num_examples}"
-        if list(event.weights) != list(self._weights):
-            return "tensor names differ from the model's"
-        for name, current in self._weights.items():
-            value = np.asarray(event.weights[name])
-            if value.shape != current.shape:
-                return f"{name}: shape {list(value.shape)}, the model has {list(current.shape)}"
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                return f"{name}: contains NaN or infinity"
-        return ""
+    # --- the deadline ----------------------------------------------------------
 
-    # --- aggregation -----------------------------------------------------------
+    def _on_deadline(self) -> list[Command]:
+        """No update accepted for a whole wait: flush a big enough buffer, or end the run."""
+        cfg = self.config
+        out: list[Command] = []
+        if len(self._buffer) >= cfg.min_clients:
+            out = self._flush(at_deadline=True)
+            if any(isinstance(c, BufferAggregated) for c in out):
+                return out
+        waited = cfg.round_timeout_s + (cfg.join_timeout_s if self._first_wait else 0.0)
+        return out + self._finish(
+            False,
+            f"no update accepted for {waited:g} s at version {self._version}: "
+            f"{len(self._buffer)} buffered update(s) (buffer_size={cfg.buffer_size}, "
+            f"min_clients={cfg.min_clients}), {len(self._live)} live node(s)",
+        )
 
-    def _aggregate(self) -> list[Command]:
+    def _finish(self, success: bool, reason: str) -> list[Command]:
+        self._state = FedBuffState.FINISHED
+        self._deadline = None
+        return [Finish(success=success, reason=reason, completed_round=self._version)]
+
+    # --- validation and aggregation ----------------------------------------------
+
+    def _validate(self, ordered: list[Buffered]) -> tuple[list[Buffered], list[Command]]:
+        """Run the validators over the buffer (module docstring): (survivors, rejections)."""
+        if not self._validators:
+            return ordered, []
+        verdicts = validate_buffer(
+            self._validators, self._weights, ordered, round=self._version + 1
+        )
+        out: list[Command] = []
+        for b in ordered:
+            if b.key in verdicts:
+                self._count(verdicts[b.key])
+                out.append(
+                    Reject(
+                        sender=b.sender, round=b.version, reason=verdicts[b.key],
+                        detail="validator", update_id=b.update_id,
+                    )
+                )  # fmt: skip
+        return [b for b in ordered if b.key not in verdicts], out
+
+    def _flush(self, *, at_deadline: bool) -> list[Command]:
         ordered = sorted(self._buffer, key=lambda b: (b.sender, b.version, b.update_id))
+        survivors, out = self._validate(ordered)
+        if len(survivors) < self.config.min_clients:
+            self._buffer = survivors  # too few to aggregate: wait for more
+            return out
         self._buffer = []
+        return out + self._aggregate(survivors, at_deadline=at_deadline)
+
+    def _aggregate(self, ordered: list[Buffered], *, at_deadline: bool) -> list[Command]:
         k = len(ordered)
         stale = [self._version - b.version for b in ordered]
         coeffs = [
@@ -351,22 +349,18 @@ class FedBuffServer:
         metrics: dict[str, float] = {"mean_staleness": float(np.mean(stale))}
         if losses:
             metrics["train_loss"] = sum(x * n for x, n in losses) / sum(n for _, n in losses)
+        rejected, self._since = dict(sorted(self._since.items())), Counter()
         out: list[Command] = [
             BufferAggregated(
                 version=self._version, weights=new,
                 contributors=tuple((b.sender, b.version, s) for b, s in zip(ordered, stale, strict=True)),
                 num_examples=sum(b.num_examples for b in ordered), metrics=metrics,
+                rejected=rejected, deadline=at_deadline,
             )
         ]  # fmt: skip
         if self._version >= self.config.max_versions:
-            self._state = FedBuffState.FINISHED
-            out.append(
-                Finish(
-                    success=True, reason=f"{self._version} aggregations done",
-                    completed_round=self._version,
-                )
-            )  # fmt: skip
-            return out
+            return out + self._finish(True, f"{self._version} aggregations done")
+        self._deadline = self._now + self.config.round_timeout_s
         return out + self._broadcast(tuple(sorted(self._live)))
 
     def _broadcast(self, selected: tuple[NodeId, ...]) -> list[Command]:

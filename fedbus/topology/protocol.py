@@ -48,9 +48,12 @@ class ProtocolConfig(Checked):
             with ``fraction``. Neither means every client.
         fraction: share of clients selected per round; in hierarchical, share
             of its own devices each edge selects.
-        min_clients: quorum that may close a round at its deadline.
-        round_timeout_s: round deadline.
-        join_timeout_s: how long to wait for nodes before round 1.
+        min_clients: quorum that may close a round at its deadline (async: the
+            smallest buffer aggregated at the aggregation deadline).
+        round_timeout_s: round deadline (async: the longest wait for the next
+            accepted update before a partial buffer is flushed or the run ends).
+        join_timeout_s: how long to wait for nodes before round 1 (async: added
+            to the first wait).
         evaluate: ``central`` (global model on the held-out test split) or
             ``federated`` (sample-weighted mean of the clients' own evaluations).
         aggregator: how updates are combined.
@@ -158,12 +161,10 @@ class ProtocolConfig(Checked):
         for name in ("clients_per_round", "fraction"):
             if getattr(self, name) is not None:
                 yield name, "not used by mode 'async': every client trains on every model"
-        if self.min_clients != 1:
-            yield "min_clients", "not used by mode 'async' (buffer_size sets the quorum)"
+        if self.buffer_size is not None and self.min_clients > self.buffer_size:
+            yield "min_clients", f"exceeds buffer_size {self.buffer_size}"
         if self.aggregator != AggregatorSpec():
             yield "aggregator", "not used by mode 'async' (staleness-weighted buffered mean)"
-        if self.validators:
-            yield "validators", "not supported with mode 'async' yet"
         if self.evaluate != "central":
             yield "evaluate", "mode 'async' evaluates centrally (needs a data section)"
 

@@ -145,6 +145,10 @@ class Topology(Checked):
             if protocol.buffer_size is not None and n and protocol.buffer_size > n:
                 # K updates from n < K clients would need one client twice per version.
                 yield "protocol.buffer_size", f"exceeds the {n} clients"
+            # Async's default K is min(10, clients) (fedbus.launch.build.fedbuff_config).
+            default_k = protocol.mode == "async" and protocol.buffer_size is None
+            if default_k and n > 10 and protocol.min_clients > 10:
+                yield "protocol.min_clients", "exceeds the default buffer_size 10"
         elif kind == "hierarchical":
             if not nodes.edges:
                 yield "nodes.edges", "protocol 'hierarchical' needs edges"

@@ -20,6 +20,7 @@ from fedbus.protocols.fedavg import (
     NodeLeft,
     Reject,
     Started,
+    Tick,
     UpdateReceived,
 )
 from fedbus.protocols.fedbuff import (
@@ -156,21 +157,38 @@ def test_config_validation_and_misuse() -> None:
 
 
 class FedBuffMachine(RuleBasedStateMachine):
-    """Random joins, leaves and updates of any version: versions never go back, nothing twice."""
+    """Random joins, leaves, updates of any version and waits.
+
+    Versions never go back, nothing is aggregated twice, a partial buffer is
+    flushed only at a deadline, and a running server always has a deadline.
+    """
+
+    K, MIN, WAIT, JOIN = 3, 2, 15.0, 10.0
 
     def __init__(self) -> None:
         super().__init__()
-        cfg = FedBuffConfig(buffer_size=3, max_versions=1000, max_staleness=2)
+        cfg = FedBuffConfig(
+            buffer_size=self.K, max_versions=1000, max_staleness=2, min_clients=self.MIN,
+            round_timeout_s=self.WAIT, join_timeout_s=self.JOIN,
+        )  # fmt: skip
         self.server = FedBuffServer(cfg, run=RUN, weights=_w(0.0))
         self.now = 0.0
         self.versions: list[int] = [0]
         self.aggregated: set[str] = set()
         self.sent = 0
         self.last_broadcast = 0
+        self.progress = 0.0  # when the last update was accepted (or the run started)
+        self.first_wait = True
+        self.finished: Finish | None = None
+        self.deadline_flushes = 0
+        for node in "abcde":
+            self.server.handle(NodeJoined(node=NodeId(node), num_examples=1), now=0.0)
         self.server.handle(Started(), now=0.0)
 
-    def _feed(self, event: object) -> list[Command]:
-        self.now += 1.0
+    def _feed(self, event: object, dt: float = 1.0) -> list[Command]:
+        self.now += dt
+        deadline = self.server.next_deadline()
+        expired = deadline is not None and self.now >= deadline
         out = self.server.handle(event, now=self.now)  # type: ignore[arg-type]
         for cmd in out:
             if isinstance(cmd, BroadcastModel):
@@ -181,8 +199,17 @@ class FedBuffMachine(RuleBasedStateMachine):
             if isinstance(cmd, BufferAggregated):
                 assert cmd.version == self.versions[-1] + 1
                 self.versions.append(cmd.version)
-                assert len(cmd.contributors) == 3
+                # a full buffer, or (only when a deadline passed) at least min_clients
+                assert len(cmd.contributors) == self.K or (
+                    cmd.deadline and expired and self.MIN <= len(cmd.contributors) < self.K
+                )
                 assert all(s <= 2 for _, _, s in cmd.contributors)
+                self.progress = self.now
+                self.deadline_flushes += cmd.deadline
+            if isinstance(cmd, Finish):
+                assert expired, "the run ends only at its deadline (max_versions is unreachable)"
+                assert not cmd.success
+                self.finished = cmd
         return out
 
     @rule(node=st.sampled_from("abcde"))
@@ -193,6 +220,14 @@ class FedBuffMachine(RuleBasedStateMachine):
     def leave(self, node: str) -> None:
         self._feed(NodeLeft(node=NodeId(node)))
 
+    @rule(dt=st.floats(0.0, 20.0))
+    def wait(self, dt: float) -> None:
+        self._feed(Tick(), dt)
+
+    @rule(node=st.sampled_from("abcde"))
+    def fresh_update(self, node: str) -> None:
+        self.update(node, 0, False)
+
     @rule(node=st.sampled_from("abcde"), back=st.integers(-1, 4), reuse=st.booleans())
     def update(self, node: str, back: int, reuse: bool) -> None:
         version = self.server.version - back
@@ -201,19 +236,34 @@ class FedBuffMachine(RuleBasedStateMachine):
         uid = "u0" if reuse and self.sent else f"u{self.sent}"
         self.sent += 1
         buffered = self.server.buffered
+        deadline = self.server.next_deadline()
         out = self._feed(_update(node, version, 1.0, uid=uid))
-        if not _of(out, Reject):
+        if not _of(out, Reject) and self.server.state is FedBuffState.RUNNING:
             assert uid not in self.aggregated
             self.aggregated.add(uid)
-            assert self.server.buffered == (buffered + 1) % 3
+            self.progress = self.now
+            self.first_wait = False
+            if deadline is not None and self.now < deadline:  # no deadline flush first
+                assert self.server.buffered == (buffered + 1) % self.K
 
     @invariant()
-    def buffer_below_k(self) -> None:
-        assert self.server.buffered < 3
+    def buffer_below_k_and_deadline_bounded(self) -> None:
+        assert self.server.buffered < self.K
         assert self.server.version == self.versions[-1]
+        deadline = self.server.next_deadline()
+        if self.server.state is FedBuffState.RUNNING:
+            # every wait has a deadline: the next accepted update, or the end
+            assert deadline is not None
+            assert deadline > self.now
+            expected = self.progress + self.WAIT + (self.JOIN if self.first_wait else 0)
+            assert math.isclose(deadline, expected)
+        else:
+            assert self.server.state is FedBuffState.FINISHED
+            assert self.finished is not None
+            assert deadline is None
 
 
-FedBuffMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+FedBuffMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=50, deadline=None)
 test_fedbuff_stateful = FedBuffMachine.TestCase
 
 

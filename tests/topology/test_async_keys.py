@@ -47,6 +47,11 @@ def test_async_keys_load() -> None:
         ("  mode: async\n  staleness_exponent: -1", "protocol.staleness_exponent", ">= 0"),
         ("  mode: async\n  clients_per_round: 2", "protocol.clients_per_round", "not used"),
         ("  mode: async\n  aggregator: median", "protocol.aggregator", "not used"),
+        (
+            "  mode: async\n  buffer_size: 2\n  min_clients: 3",
+            "protocol.min_clients",
+            "exceeds buffer_size 2",
+        ),
         ("  buffer_size: 2", "protocol.buffer_size", "only to mode 'async'"),
         ("  max_staleness: 2", "protocol.max_staleness", "only to mode 'async'"),
         ("  mode: async\n  bufer_size: 2", "protocol.bufer_size", "unknown key"),
@@ -61,4 +66,27 @@ def test_async_only_for_centralized() -> None:
     found = _problems(_text("  kind: gossip\n  mode: async", "peers: {count: 4}"))
     assert [(p, m) for p, _, m in found] == [
         ("protocol.mode", "'async' applies only to protocol kind 'centralized'")
+    ]
+
+
+def test_async_takes_validators_min_clients_and_deadlines() -> None:
+    # Prepare / Execute
+    topo = loads_topology(
+        _text(
+            "  mode: async\n  buffer_size: 4\n  min_clients: 2\n  round_timeout_s: 5\n"
+            "  validators: [{kind: norm_outlier}]"
+        )
+    )
+    # Assert
+    p = topo.protocol
+    assert (p.min_clients, p.round_timeout_s) == (2, 5.0)
+    assert [v.kind for v in p.validators] == ["norm_outlier"]
+
+
+def test_async_min_clients_above_the_default_buffer_size() -> None:
+    found = _problems(
+        _text("  mode: async\n  min_clients: 11", "server: {id: server}\n  clients: {count: 12}")
+    )
+    assert [(p, m) for p, _, m in found] == [
+        ("protocol.min_clients", "exceeds the default buffer_size 10")
     ]
