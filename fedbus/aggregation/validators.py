@@ -7,9 +7,10 @@ updates, and aggregate robustly. The third lives in `fedbus.aggregation`;
 these are the first two, behind the `Validator` interface so that a central
 server, an edge aggregator or a gossip peer runs them the same way:
 
-- `AccuracyGate` (``validation_accuracy``): the node holds a small
-  validation set, disjoint from the test split, and rejects an update whose
-  model scores more than ``max_drop`` below the current global model.
+- `AccuracyGate` (``validation_accuracy``, in `fedbus.aggregation.accuracy_gate`):
+  the node holds a small validation set, disjoint from the test split, and
+  rejects an update whose marginal effect on the global model (applied at
+  its FedAvg weight) worsens validation loss far beyond the round's median.
 - `NormOutlier` (``norm_outlier``): an update whose delta norm lies more than
   ``sigmas`` standard deviations from the round's centre.
 - `CosineOutlier` (``cosine_outlier``): an update pointing away from the
@@ -29,16 +30,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from fedbus.aggregation._util import (
-    F64,
-    check_updates,
-    delta_vectors,
-    dense_vectors,
-    flatten,
-    float_param,
-    unflatten,
-)
-from fedbus.aggregation.base import Arrays, ClientUpdate, Validator, cast_like, sorted_updates
+from fedbus.aggregation._util import F64, check_updates, delta_vectors, flatten, float_param
+from fedbus.aggregation.accuracy_gate import AccuracyGate
+from fedbus.aggregation.base import Arrays, ClientUpdate, Validator, sorted_updates
 from fedbus.errors import ConfigError
 
 __all__ = [
@@ -63,63 +57,6 @@ def _spread(values: F64, robust: bool, min_rel_scale: float) -> tuple[float, flo
         centre = float(np.mean(values))
         scale = float(np.std(values))
     return centre, max(scale, min_rel_scale * abs(centre), 1e-12)
-
-
-class AccuracyGate:
-    """Reject updates that lower validation accuracy by more than ``max_drop``.
-
-    Args:
-        evaluate: ``weights -> accuracy`` in [0, 1], or an object with an
-            ``evaluate(weights)`` method returning a number or a result with an
-            ``accuracy`` attribute (a fedbus `Trainer` built on the validation
-            set). The runtime injects it; it cannot come from YAML.
-        max_drop: the largest tolerated drop, in accuracy points as a fraction.
-    """
-
-    name: Final = "validation_accuracy"
-
-    def __init__(self, evaluate: Any, max_drop: float = 0.05) -> None:
-        if callable(evaluate):
-            self._evaluate: Callable[[Arrays], Any] = evaluate
-        elif callable(getattr(evaluate, "evaluate", None)):
-            self._evaluate = evaluate.evaluate
-        else:
-            raise ConfigError(
-                "needs an evaluate(weights) callable or a trainer holding the validation set",
-                path=f"{_PATH}.evaluate",
-            )
-        self.max_drop = float_param(max_drop, "max_drop", low=0.0, path=_PATH)
-        self.last_accuracy: dict[str, float] = {}
-        """Accuracy per sender in the last call, plus ``""`` for the global model."""
-
-    def accuracy(self, weights: Arrays) -> float:
-        """Validation accuracy of ``weights``."""
-        result = self._evaluate(weights)
-        return float(getattr(result, "accuracy", result))
-
-    def validate(
-        self, global_weights: Arrays, updates: Sequence[ClientUpdate], *, round: int
-    ) -> dict[str, str]:
-        """Reject each update whose model scores below the global model minus ``max_drop``."""
-        del round
-        ordered = sorted_updates(updates)
-        if not ordered:
-            return {}
-        check_updates(ordered, self.name)
-        baseline = self.accuracy(global_weights)
-        self.last_accuracy = {"": baseline}
-        rows = dense_vectors(global_weights, ordered)
-        out: dict[str, str] = {}
-        for u, row in zip(ordered, rows, strict=True):
-            model = {
-                name: cast_like(value, np.asarray(global_weights[name]))
-                for name, value in unflatten(row, global_weights).items()
-            }
-            acc = self.accuracy(model)
-            self.last_accuracy[u.sender] = acc
-            if acc < baseline - self.max_drop:
-                out[u.sender] = self.name
-        return out
 
 
 class NormOutlier:

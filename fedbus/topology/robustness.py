@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from fedbus.attacks.registry import Attack
 
 __all__ = [
+    "DEFAULT_ROBUST_VALIDATORS",
     "DEFAULT_VALIDATION_FRACTION",
     "AttackSpec",
     "ValidatorSpec",
@@ -43,6 +44,19 @@ DEFAULT_VALIDATION_FRACTION: Final = 0.1
 """Share of the held-out split that ``validation_accuracy`` keeps for itself."""
 
 _ACCURACY: Final = "validation_accuracy"
+
+DEFAULT_ROBUST_VALIDATORS: Final[tuple[Mapping[str, Any], ...]] = (
+    MappingProxyType({"kind": "norm_outlier"}),
+    MappingProxyType({"kind": "cosine_outlier", "reference": "median"}),
+    MappingProxyType({"kind": _ACCURACY, "validation_fraction": 0.5}),
+)
+"""The ``protocol.validators`` that docs/robustness.md measures as the default robust
+configuration (with ``aggregator: fedavg``). The statistics checks stop model
+poisoning; the validation gate recovers most of what label flipping costs
+(flippers look honest to update statistics), and needs a validation set of
+half the held-out split to see it: with 10%, a flipped class may have one or
+two validation examples. Not applied unless a topology asks for it.
+"""
 
 
 def _rerooted(exc: ConfigError, prefix: str) -> str:

@@ -146,10 +146,13 @@ def test_norm_clipping_bounds_each_delta_then_averages() -> None:
     out = clip.aggregate(g, ups, round=1)["w"]
     np.testing.assert_allclose(out, [1.0 + (0.6 + 0.0) / 2, 1.0 + (0.8 + 0.5) / 2])
     assert clip.last_clipped == ["a"]
-    adaptive = NormClipping()  # bound: the median norm
+    adaptive = NormClipping()  # bound: twice the median norm (2.0)
     adaptive.aggregate(g, [*ups, up("c", [1.0, 3.0])], round=1)
-    assert adaptive.last_bound == 2.0
+    assert adaptive.last_bound == 4.0
     assert adaptive.last_clipped == ["a"]
+    tight = NormClipping(multiplier=1.0)
+    tight.aggregate(g, [*ups, up("c", [1.0, 3.0])], round=1)
+    assert (tight.last_bound, tight.last_clipped) == (2.0, ["a"])
 
 
 def test_fedavgm_without_momentum_is_fedavg_and_momentum_accumulates() -> None:

@@ -66,7 +66,7 @@ def test_accuracy_gate_rejects_updates_that_lower_validation_accuracy() -> None:
     def evaluate(weights: Any) -> float:  # "accuracy" falls with distance from the optimum 1
         return float(1.0 - abs(np.asarray(weights["w"])[0] - 1.0))
 
-    gate = AccuracyGate(evaluate, max_drop=0.05)
+    gate = AccuracyGate(evaluate, mode="full", max_drop=0.05)  # each client's own model
     g = {"w": np.array([0.9], np.float32)}
     verdict = gate.validate(g, [up("a", [0.95]), up("b", [0.5]), up("c", [0.87])], round=1)
     assert verdict == {"b": "validation_accuracy"}
@@ -76,7 +76,7 @@ def test_accuracy_gate_rejects_updates_that_lower_validation_accuracy() -> None:
         def evaluate(self, weights: Any) -> Any:
             return type("R", (), {"accuracy": evaluate(weights)})()
 
-    assert AccuracyGate(Trainer()).validate(g, [up("b", [0.5])], round=1) == {
+    assert AccuracyGate(Trainer(), mode="full").validate(g, [up("b", [0.5])], round=1) == {
         "b": "validation_accuracy"
     }
     with pytest.raises(ConfigError, match="evaluate"):
