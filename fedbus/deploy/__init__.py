@@ -4,7 +4,8 @@
 writes everything a containerised federation needs; `plan_deployment`
 decides which broker each node uses and in which namespace, the renderers
 turn that plan into ACL files, mosquitto configs and the compose
-document. See docs/deployment.md.
+document; ``--bridge`` adds optional one-way bridges (`fedbus.deploy.bridge`).
+See docs/deployment.md.
 """
 
 from __future__ import annotations

@@ -42,6 +42,13 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     parser.add_argument(
         "--force", action="store_true", help="regenerate a non-empty DIR (rotates every password)"
     )
+    parser.add_argument(
+        "--bridge",
+        action="store_true",
+        help="hierarchical: also mirror each edge's namespace to its parent's broker through a "
+        "one-way Mosquitto bridge (not needed by the runtime; puts the bridge's password in the "
+        "edge broker's mosquitto.conf, mode 0600)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -53,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = generate(
             args.topology, args.out, tls=args.tls, image=args.image, user=args.user,
-            force=args.force,
+            force=args.force, bridge=args.bridge,
         )  # fmt: skip
     except TopologyError as exc:
         print(exc.format(), file=sys.stderr)
@@ -65,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     started = [n for n in plan.nodes if not n.external]
     print(
         f"wrote {result.out}: {len(plan.brokers)} broker(s), {len(started)} node service(s)"
-        f"{', TLS' if result.tls else ''}; "
+        f"{', TLS' if result.tls else ''}"
+        f"{f', {len(result.bridges)} bridge(s)' if result.bridges else ''}; "
         f"{len(plan.nodes) - len(started)} external node(s) have credentials only"
     )
     print(f"start it with: docker compose -f {result.out}/docker-compose.yml up -d")

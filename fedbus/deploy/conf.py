@@ -8,9 +8,11 @@ by the deployment's CA on top of the password. ``use_username_as_clientid``
 makes the client id the authenticated node id, so a node cannot take over
 another node's session and ACL ``%c`` and ``%u`` agree.
 
-There are no bridges: a hierarchical edge connects to its parent's broker
-itself, as the runtime does (`fedbus.deploy.plan`), so no broker config
-holds a plaintext password.
+There are no bridges by default: a hierarchical edge connects to its
+parent's broker itself, as the runtime does (`fedbus.deploy.plan`), so no
+broker config holds a plaintext password. ``--bridge`` appends an optional
+one-way mirror to the edge brokers' configs (`fedbus.deploy.bridge`), whose
+password is then in those files (written mode 0600).
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ weights, which is what lets the framework be checked against the serial
 reference loop.
 
 ``model:`` kinds: ``logreg``, ``mlp`` (``hidden``, default ``[32]``), ``cnn``
-(torch) and ``{factory: "pkg.mod:fn", params: {...}}``. A factory is called
-with ``params`` plus those of ``num_features``, ``num_classes``, ``train``,
-``eval`` and ``seed`` that its signature names; it may return a torch
+(torch; without torch, only its head trains, in numpy, on the frozen conv
+layers' features: `fedbus.learning.numpy_cnn`) and ``{factory:
+"pkg.mod:fn", params: {...}}``. A factory is called with ``params`` plus
+those of ``num_features``, ``num_classes``, ``train``, ``eval`` and
+``seed`` that its signature names; it may return a torch
 ``nn.Module`` (wrapped in `TorchTrainer`, calling the factory again for every
 fresh model) or a `Trainer` instance or class (used as is).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,9 +36,13 @@ from fedbus.learning.data import Dataset
 from fedbus.learning.numpy_models import DenseNetwork
 from fedbus.learning.trainer import EvalResult, FitConfig, FitResult, NamedArrays, Trainer
 
-__all__ = ["MODEL_KINDS", "NumpyTrainer", "make_trainer"]
+__all__ = ["CNN_TRAINERS", "MODEL_KINDS", "NumpyTrainer", "make_trainer"]
+
+log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("cnn", "logreg", "mlp")
+CNN_TRAINERS = ("auto", "torch", "numpy-head")
+"""How a ``cnn`` trains: torch when it imports (``auto``), torch, or the numpy head only."""
 _EVAL_BATCH = 2048
 
 
@@ -184,6 +191,7 @@ def make_trainer(
     num_features: int,
     num_classes: int,
     seed: int = 0,
+    cnn_trainer: str = "auto",
 ) -> Trainer:
     """Build the trainer a topology's ``model:`` asks for.
 
@@ -195,6 +203,9 @@ def make_trainer(
         num_features: model input width.
         num_classes: model output width.
         seed: handed to a factory that takes a ``seed`` argument.
+        cnn_trainer: for ``cnn``: ``auto`` trains with torch when it imports
+            and otherwise only the head in numpy (logged once per trainer);
+            ``torch`` insists on torch; ``numpy-head`` never imports it.
 
     Raises:
         ConfigError: unknown kind or key, a bad value, a factory that cannot
@@ -238,14 +249,40 @@ def make_trainer(
         return NumpyTrainer(DenseNetwork(num_features, num_classes, tuple(hidden)), train, eval)
     if kind == "cnn":
         _known(spec, ("kind",), "model")
-        from fedbus.learning.torch import TorchTrainer, cnn  # torch only when asked for
-
-        shape = _image_shape(train, eval, num_features)
-        return TorchTrainer(lambda: cnn(shape, num_classes), train, eval)
+        return _cnn_trainer(cnn_trainer, train, eval, num_features, num_classes)
     raise ConfigError(
         f"unknown model kind {kind!r}; expected one of {MODEL_KINDS} or a factory",
         path="model.kind",
     )
+
+
+def _cnn_trainer(
+    choice: str, train: Dataset | None, eval: Dataset | None, num_features: int, num_classes: int
+) -> Trainer:
+    """The ``cnn`` trainer: torch's, or the numpy head-only one (``cnn_trainer``)."""
+    if choice not in CNN_TRAINERS:
+        raise ConfigError(f"expected one of {CNN_TRAINERS}, got {choice!r}", path="cnn_trainer")
+    shape = _image_shape(train, eval, num_features)
+    if choice != "numpy-head":
+        try:
+            from fedbus.learning.torch import TorchTrainer, cnn  # torch only when asked for
+        except ImportError as exc:
+            if choice == "torch":
+                raise ConfigError(
+                    f"the cnn needs torch (pip install 'fedbus[torch]'): {exc}", path="model.kind"
+                ) from exc
+            log.warning(
+                "torch is not available (%s): the cnn trains its head only, in numpy, on "
+                "features of the frozen conv layers (docs/boards.md)",
+                exc,
+            )
+        else:
+            return TorchTrainer(lambda: cnn(shape, num_classes), train, eval)
+    from fedbus.learning.numpy_cnn import NumpyHeadTrainer
+
+    if choice == "numpy-head":
+        log.info("cnn: training the head only, in numpy (cnn_trainer=numpy-head)")
+    return NumpyHeadTrainer(shape, num_classes, train, eval)
 
 
 def _known(spec: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:

@@ -6,6 +6,9 @@ schema module that ai-edge-litert ships, or the ``tflite`` package). A
 template is compiled once per `Architecture` and each round's weights are
 patched into a copy with numpy alone (`patch`); `TfliteModel` serves
 inference on the patched file through ai-edge-litert or tflite-runtime.
+Factory (torch) models are converted once with litert-torch instead (module
+`torch_route`, the optional ``litert`` extra; not imported here) and patched
+the same way.
 docs/tflite.md explains the layouts, the traps avoided and measured figures.
 
 Importing this package loads numpy only; the writer's and runtime's

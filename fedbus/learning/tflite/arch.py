@@ -127,7 +127,9 @@ def architecture_of(
     )
     if "factory" in spec:
         raise ConfigError(
-            "factory models cannot be exported without a converter", path="model.factory"
+            "a factory model is exported from its topology (--topology) with litert-torch "
+            "(pip install 'fedbus[litert]'), not from a model spec",
+            path="model.factory",
         )
     arch = _infer(weights, image_shape)
     kind = spec.get("kind")

@@ -28,7 +28,7 @@ from fedbus.errors import ConfigError
 from fedbus.learning.tflite.arch import Architecture
 from fedbus.learning.tflite.quantize import quantize_per_channel
 
-__all__ = ["Slot", "Template", "patch", "to_tflite_layout"]
+__all__ = ["Slot", "Template", "check_slots", "patch", "patch_slots", "to_tflite_layout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,21 +160,26 @@ class Template:
 
     def check_bounds(self) -> None:
         """Raise `ConfigError` if a slot's bytes overlap another's or leave the file."""
-        spans = []
-        for s in self.slots:
-            if s.dtype not in ("float32", "int8") or (s.dtype == "int8") != (
-                s.scale_offset is not None
-            ):
-                raise ConfigError(f"slot {s.name}: bad dtype {s.dtype}", path="model")
-            spans.append((s.offset, s.offset + s.nbytes, s.name))
-            if s.scale_offset is not None:
-                spans.append((s.scale_offset, s.scale_offset + 4 * s.channels, s.name))
-        spans.sort()
-        for (start, end, name), nxt in zip(spans, [*spans[1:], None], strict=True):
-            if start < 0 or end > len(self.model) or start % 4:
-                raise ConfigError(f"slot {name} lies outside the model file", path="model")
-            if nxt is not None and nxt[0] < end:
-                raise ConfigError(f"slots {name} and {nxt[2]} overlap", path="model")
+        check_slots(self.model, self.slots)
+
+
+def check_slots(model: bytes, slots: tuple[Slot, ...]) -> None:
+    """Raise `ConfigError` if a slot's bytes overlap another's or leave ``model``."""
+    spans = []
+    for s in slots:
+        if s.dtype not in ("float32", "int8") or (s.dtype == "int8") != (
+            s.scale_offset is not None
+        ):
+            raise ConfigError(f"slot {s.name}: bad dtype {s.dtype}", path="model")
+        spans.append((s.offset, s.offset + s.nbytes, s.name))
+        if s.scale_offset is not None:
+            spans.append((s.scale_offset, s.scale_offset + 4 * s.channels, s.name))
+    spans.sort()
+    for (start, end, name), nxt in zip(spans, [*spans[1:], None], strict=True):
+        if start < 0 or end > len(model) or start % 4:
+            raise ConfigError(f"slot {name} lies outside the model file", path="model")
+        if nxt is not None and nxt[0] < end:
+            raise ConfigError(f"slots {name} and {nxt[2]} overlap", path="model")
 
 
 def patch(template: Template, weights: Mapping[str, Any]) -> bytes:
@@ -188,14 +193,29 @@ def patch(template: Template, weights: Mapping[str, Any]) -> bytes:
     Raises:
         ConfigError: a weight is missing, extra or of the wrong shape.
     """
-    names = {s.name for s in template.slots}
-    if set(weights) != names:
+    return patch_slots(template.model, template.slots, weights)
+
+
+def patch_slots(
+    model: bytes,
+    slots: tuple[Slot, ...],
+    weights: Mapping[str, Any],
+    *,
+    ignored: frozenset[str] = frozenset(),
+) -> bytes:
+    """`patch` for any model and slots; names in ``ignored`` may be in ``weights`` and are skipped.
+
+    Raises:
+        ConfigError: a weight is missing, extra or of the wrong shape.
+    """
+    names = {s.name for s in slots}
+    if set(weights) - ignored != names:
         raise ConfigError(
             f"weights do not fit the template: expected {sorted(names)}, got {sorted(weights)}",
             path="model",
         )
-    out = bytearray(template.model)
-    for s in template.slots:
+    out = bytearray(model)
+    for s in slots:
         arr = np.asarray(weights[s.name])
         if arr.shape != s.shape:
             raise ConfigError(f"{s.name}: expected shape {s.shape}, got {arr.shape}", path="model")
