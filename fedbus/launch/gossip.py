@@ -14,42 +14,46 @@ the peers of each peer's model on the test split, plus ``accuracy_min``,
 peers of the run that did not (away on churn, crashed, or jumped over it);
 ``bytes_up`` and ``bytes_down`` are summed over every peer's connections
 since the previous row (gossip has no aggregating node to count on).
-``model.msgpack`` is the average of the peers' last models.
+``model.msgpack`` is the average of the peers' last models. Simulated
+attackers (`fedbus.launch.gossip_robust`) are left out of these figures;
+with a results folder each row also checkpoints the run
+(`fedbus.launch.gossip_resume`, for ``--resume``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Arrays
 from fedbus.launch.build import build_data, client_trainer, fault_plan, new_run_id, server_trainer
 from fedbus.launch.federation import open_bus
+from fedbus.launch.gossip_monitor import GossipMonitor, RowSink
+from fedbus.launch.gossip_resume import GossipCheckpoints, resume_state
+from fedbus.launch.gossip_robust import peer_attack, peer_defense, poisoned_trainer
+from fedbus.launch.robustness import server_defenses
 from fedbus.learning.partition import FederationData
 from fedbus.learning.seeds import derive_seed, init_seed
 from fedbus.learning.trainer import Trainer
-from fedbus.nodes import ResultsWriter
+from fedbus.nodes import Checkpoint, ResultsWriter
 from fedbus.nodes.peer import PeerMachine, PeerNode, PeerObserver, PeerOutcome, PeerSettings
+from fedbus.nodes.peer_checkpoint import PeerCheckpoint
 from fedbus.nodes.server import byte_counts
 from fedbus.protocols.gossip import GossipPeer
 from fedbus.protocols.gossip_pushsum import PushSumPeer
-from fedbus.protocols.gossip_types import GossipConfig, RoundMixed
-from fedbus.protocols.mixing import consensus_distance, mix
+from fedbus.protocols.gossip_types import GossipConfig
 from fedbus.topology import NodeRole, Topology
 from fedbus.transport.base import Transport, Will
 
 __all__ = ["GossipMonitor", "GossipResult", "gossip_config", "make_peer", "run_gossip"]
-
-RowSink = Callable[[dict[str, Any]], None]
 
 
 def gossip_config(topology: Topology) -> GossipConfig:
@@ -77,13 +81,22 @@ def make_peer(
     observer: PeerObserver | None = None,
     progress: Callable[[int], Awaitable[None]] | None = None,
     data_file: str | None = None,
+    fault_seed: int | None = None,
+    restart: PeerCheckpoint | None = None,
 ) -> PeerNode:
-    """The `PeerNode` of ``node_id`` (its partition, neighbours, faults and machine)."""
+    """The `PeerNode` of ``node_id`` (its partition, neighbours, faults and machine).
+
+    ``fault_seed`` draws the simulated faults from another seed than the
+    topology's (same data and initial model, other churn: the benchmark's runs);
+    ``restart`` resumes the peer from its checkpoint (its model and round).
+    """
     info = topology.node(node_id)
     adjacency = topology.adjacency()
     config = gossip_config(topology)
     if trainer is None:
         trainer = client_trainer(topology, data, node_id, data_file=data_file)
+    trainer = poisoned_trainer(topology, data, node_id) or trainer
+    defense = peer_defense(topology, data) if config.mixing == "metropolis" else None
 
     def build(run_id: RunId) -> PeerMachine:
         node = NodeId(node_id)
@@ -94,7 +107,11 @@ def make_peer(
                 out_neighbours=[NodeId(n) for n in info.neighbours], rng=rng,
             )  # fmt: skip
         degrees = {NodeId(n): len(adjacency.get(n, ())) for n in info.neighbours}
-        return GossipPeer(config, node=node, run=run_id, weights=initial, neighbours=degrees)
+        start, weights = (0, initial) if restart is None else (restart.round, restart.weights)
+        return GossipPeer(
+            config, node=node, run=run_id, weights=weights, neighbours=degrees, defense=defense,
+            start_round=start,
+        )  # fmt: skip
 
     settings = PeerSettings(
         node_id=node_id, namespace=topology.name, neighbours=tuple(info.neighbours),
@@ -103,143 +120,13 @@ def make_peer(
         rejoin_wait_s=min(topology.protocol.round_timeout_s, 2.0),
         linger_s=2.0 * topology.protocol.round_timeout_s,
     )  # fmt: skip
+    faults = fault_plan(topology, node_id)
+    if fault_seed is not None:
+        faults = dataclasses.replace(faults, seed=fault_seed)
     return PeerNode(
-        build, trainer, connect, settings, run=run,
-        faults=fault_plan(topology, node_id), observer=observer, progress=progress,
+        build, trainer, connect, settings, run=run, faults=faults, observer=observer,
+        progress=progress, attack=peer_attack(topology, node_id),
     )  # fmt: skip
-
-
-@dataclass(slots=True)
-class _Round:
-    models: dict[str, Arrays] = field(default_factory=dict)
-    rejected: Counter[str] = field(default_factory=Counter)
-    last_at: float = 0.0
-
-
-class GossipMonitor(PeerObserver):
-    """Collects every peer's mixed models and turns each completed round into a row.
-
-    Args:
-        peers: the peers this process runs (external ones report nothing).
-        evaluator: scores a model on the test split.
-        sink: receives each finished row (results file, progress display).
-        traffic: total (received, sent) bytes of all peers' connections so far.
-        clock: monotonic seconds.
-    """
-
-    def __init__(
-        self,
-        peers: list[str],
-        evaluator: Trainer,
-        sink: RowSink,
-        *,
-        traffic: Callable[[], tuple[int, int]] = lambda: (0, 0),
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.peers = list(peers)
-        self._evaluator = evaluator
-        self._sink = sink
-        self._traffic = traffic
-        self._clock = clock
-        self._rounds: dict[int, _Round] = {}
-        self._latest: dict[str, int] = {}
-        self._gone: set[str] = set()
-        self._away: set[str] = set()
-        self.last_models: dict[str, Arrays] = {}
-        self._next = 1
-        self._started = clock()
-        self._previous_at = self._started
-        self._bytes_mark = (0, 0)
-        self._queue: asyncio.Queue[int | None] = asyncio.Queue()
-        self._moved = asyncio.Event()
-
-    def on_mixed(self, peer: str, mixed: RoundMixed) -> None:
-        """Record ``peer``'s model of ``mixed.round``; emit the rounds now complete."""
-        entry = self._rounds.setdefault(mixed.round, _Round())
-        entry.models[peer] = {k: np.array(v, copy=True) for k, v in mixed.weights.items()}
-        entry.rejected.update({str(getattr(k, "value", k)): n for k, n in mixed.rejected.items()})
-        entry.last_at = self._clock()
-        self._latest[peer] = max(self._latest.get(peer, 0), mixed.round)
-        self.last_models[peer] = entry.models[peer]
-        self._away.discard(peer)
-        self._advance()
-        self._moved.set()
-        self._moved = asyncio.Event()
-
-    def on_gone(self, peer: str, status: str) -> None:
-        """A peer finished or failed (it reports no more); an away peer is waited for."""
-        if status == "away":
-            self._away.add(peer)
-        else:
-            self._gone.add(peer)
-            self._advance()
-
-    def network_round(self) -> int:
-        """The round the peers still running have reached (median; churn's clock)."""
-        live = [self._latest.get(p, 0) for p in self.peers if p not in self._gone | self._away]
-        values = sorted(live or self._latest.values() or [0])
-        return values[len(values) // 2]
-
-    async def reached(self, round_: int) -> None:
-        """Return once `network_round` is at least ``round_`` (callers bound the wait)."""
-        while self.network_round() < round_:
-            await self._moved.wait()
-
-    def _advance(self) -> None:
-        while self._next in self._rounds and all(
-            p in self._gone or self._latest.get(p, 0) >= self._next for p in self.peers
-        ):
-            self._queue.put_nowait(self._next)
-            self._next += 1
-
-    def close(self) -> None:
-        """Emit what is left (the run is over) and end `work`."""
-        for r in sorted(self._rounds):
-            if r >= self._next:
-                self._queue.put_nowait(r)
-                self._next = r + 1
-        self._queue.put_nowait(None)
-
-    async def work(self) -> None:
-        """Evaluate and emit rows as rounds complete, until `close` (in a worker thread each)."""
-        while (r := await self._queue.get()) is not None:
-            row = await asyncio.to_thread(self._row, r)
-            self._sink(row)
-
-    def _row(self, r: int) -> dict[str, Any]:
-        entry = self._rounds.pop(r)
-        results = [self._evaluator.evaluate(m) for _, m in sorted(entry.models.items())]
-        accuracy = [float(x.accuracy) for x in results]
-        loss = [float(x.loss) for x in results]
-        now = self._clock()
-        bytes_in, bytes_out = self._traffic()
-        up, down = bytes_in - self._bytes_mark[0], bytes_out - self._bytes_mark[1]
-        self._bytes_mark = (bytes_in, bytes_out)
-        # Rows are written in round order; a round completed late (a peer away
-        # on churn) is stamped when its row is made, so elapsed_s never decreases.
-        at = max(entry.last_at or now, self._previous_at)
-        wall, self._previous_at = at - self._previous_at, at
-        return {
-            "round": r,
-            "wall_s": round(wall, 6),
-            "elapsed_s": round(at - self._started, 6),
-            "accuracy": float(np.mean(accuracy)),
-            "loss": float(np.mean(loss)),
-            "accuracy_min": min(accuracy),
-            "accuracy_max": max(accuracy),
-            "consensus_distance": consensus_distance(list(entry.models.values())),
-            "participants": len(entry.models),
-            "dropped": len(self.peers) - len(entry.models),
-            "rejected": dict(sorted(entry.rejected.items())),
-            "bytes_up": up,
-            "bytes_down": down,
-        }
-
-    def average(self, like: Arrays) -> dict[str, Any]:
-        """The average of the peers' last models (the run's model)."""
-        models = self.last_models or {"initial": like}
-        share = 1.0 / len(models)
-        return mix(models, dict.fromkeys(models, share), like=like)
 
 
 @dataclass(slots=True)
@@ -264,6 +151,8 @@ async def run_gossip(
     topology_text: str = "",
     on_row: RowSink | None = None,
     trainer_hook: Callable[[str, Trainer], Trainer] | None = None,
+    fault_seed: int | None = None,
+    resume: Checkpoint | None = None,
 ) -> GossipResult:
     """Run a gossip ``topology`` to its end in this process (see the module docstring).
 
@@ -274,17 +163,25 @@ async def run_gossip(
         topology_text: the topology file, copied into the results.
         on_row: called with each round's row (the progress display).
         trainer_hook: replaces or wraps each started peer's trainer (tests).
+        fault_seed: draw the simulated faults from this seed instead of the topology's.
+        resume: continue the run of this checkpoint, read from ``out``
+            (`fedbus.launch.gossip_resume`: every peer from its own file).
 
     Raises:
         ConfigError: the data or model cannot be built.
     """
     data = await asyncio.to_thread(build_data, topology, base_dir)
-    evaluator = server_trainer(topology, data)
+    defenses = server_defenses(topology, data)  # the test split less any validation share
+    evaluator = server_trainer(topology, defenses.data)
     initial = evaluator.initial_weights(init_seed(topology.seed))
-    run_id = RunId(new_run_id(topology.name))
-    results = ResultsWriter(out) if out is not None else None
+    local = [i.id for i in topology.node_infos() if i.role is NodeRole.PEER and not i.external]
+    run_id = RunId(resume.run if resume is not None else new_run_id(topology.name))
+    restart = await asyncio.to_thread(resume_state, topology, out, resume, local)
+    results = ResultsWriter(out, resume_round=restart.round) if out is not None else None
+    checkpoints = None
     if results is not None:
         results.write_topology(topology_text)
+        checkpoints = GossipCheckpoints(results, topology, run=run_id, text=topology_text)
     rows: list[dict[str, Any]] = []
 
     def sink(row: dict[str, Any]) -> None:
@@ -296,7 +193,6 @@ async def run_gossip(
 
     started = time.monotonic()
     transports: list[Transport] = []
-    local = [i.id for i in topology.node_infos() if i.role is NodeRole.PEER and not i.external]
 
     def traffic() -> tuple[int, int]:
         counts = [byte_counts(t) for t in transports]
@@ -310,7 +206,13 @@ async def run_gossip(
                 stats = [memory.stats.client(p) for p in local]
                 return sum(s.bytes_in for s in stats), sum(s.bytes_out for s in stats)
 
-        monitor = GossipMonitor(local, evaluator, sink, traffic=traffic)
+        attackers = frozenset(p for nodes in topology.attackers() for p in nodes)
+        monitor = GossipMonitor(
+            local, evaluator, sink, attackers=attackers, traffic=traffic,
+            start_rounds={p: restart.start_round(p) for p in local},
+            first_round=restart.round + 1, elapsed_before=restart.elapsed_s,
+            checkpoints=checkpoints,
+        )  # fmt: skip
 
         def connector(node: str) -> Callable[[Will], Transport]:
             def connect(will: Will) -> Transport:
@@ -327,7 +229,8 @@ async def run_gossip(
                 trainer = trainer_hook(peer, trainer)
             nodes[peer] = make_peer(
                 topology, data, peer, connector(peer), run=run_id, initial=initial,
-                trainer=trainer, observer=monitor, progress=monitor.reached,
+                trainer=trainer, observer=monitor, progress=monitor.reached, fault_seed=fault_seed,
+                restart=restart.peers.get(peer),
             )  # fmt: skip
         async with asyncio.TaskGroup() as tg:
             worker = tg.create_task(monitor.work(), name="fedbus[gossip].results")
@@ -361,6 +264,7 @@ async def run_gossip(
                 "final_accuracy_max": last.get("accuracy_max"),
                 "final_consensus_distance": last.get("consensus_distance"),
                 "peer_outcomes": dict(Counter(o.status for o in outcomes.values())),
+                **defenses.summary,
             },
             title=f"{topology.name} ({run_id})",
         )  # fmt: skip

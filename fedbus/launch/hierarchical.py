@@ -17,9 +17,18 @@ are then ignored: they name real brokers).
 
 Results: the cloud's (`HierarchicalResults`): ``metrics.jsonl`` per global
 round with the keys of DESIGN.md section 3 (``bytes_up``/``bytes_down`` on
-the cloud's own connection), plus ``edge_accuracy`` (each edge's uploaded
-model on the test split) and ``edge_participants`` (distinct children in
-its task); ``summary.json`` says ``protocol: hierarchical``.
+the cloud's own connection), plus the per-level keys of
+`fedbus.launch.hierarchical_results`; ``summary.json`` says ``protocol:
+hierarchical``.
+
+Defenses and attacks (`fedbus.launch.hierarchical_defenses`): every
+aggregating node runs its level's validators and aggregator; simulated
+attackers are devices. Checkpoints: the cloud writes ``checkpoint.msgpack``
+after each global round (the centralized `ServerNode` does) and each edge
+its restart point under ``edges/`` (`fedbus.nodes.edge_checkpoint`);
+``resume`` continues from the cloud's last completed global round with
+every edge restarted from its entry for that round (fresh devices: they
+keep nothing across rounds).
 """
 
 from __future__ import annotations
@@ -34,31 +43,42 @@ from typing import Any
 
 from fedbus import codec, topics
 from fedbus._types import NodeId, RunId
-from fedbus.aggregation import make_aggregator
+from fedbus.aggregation import make_aggregator, make_validators
 from fedbus.broker import ManagedBroker
 from fedbus.config import BrokerConfig
+from fedbus.errors import ConfigError
 from fedbus.launch.build import (
     build_data,
     client_trainer,
     fault_plan,
     new_run_id,
-    protocol_config,
     server_trainer,
 )
 from fedbus.launch.federation import Bus, open_bus
+from fedbus.launch.hierarchical_defenses import LevelDefenses, level_defenses
+from fedbus.launch.hierarchical_plan import Plan, cloud_config
+from fedbus.launch.hierarchical_results import HierarchicalResults, LevelMonitor
+from fedbus.launch.robustness import AttackPlan
 from fedbus.learning.partition import FederationData
-from fedbus.learning.seeds import derive_seed, init_seed
+from fedbus.learning.seeds import init_seed
 from fedbus.learning.trainer import Trainer
 from fedbus.messages import Leave
-from fedbus.nodes import ClientOutcome, ResultsWriter, ServerNode, ServerObserver, ServerSettings
+from fedbus.nodes import Checkpoint, ClientOutcome, ServerNode, ServerObserver, ServerSettings
+from fedbus.nodes.client import LocalAttack
 from fedbus.nodes.device import DeviceNode, DeviceSettings
-from fedbus.nodes.edge import EdgeNode, EdgeObserver, EdgeOutcome, EdgeSettings, namespace_of
+from fedbus.nodes.edge import EdgeNode, EdgeObserver, EdgeOutcome, EdgeSettings
+from fedbus.nodes.edge_checkpoint import (
+    EDGES_DIR,
+    EdgeCheckpoint,
+    EdgeCheckpoints,
+    read_edge_checkpoint,
+)
 from fedbus.nodes.namespaces import SharedConnection
 from fedbus.nodes.server import LEAVE_CHANNEL, ServerOutcome
-from fedbus.protocols.fedavg import FedAvgConfig, FedAvgServer, RoundClosed, SendUpdate
+from fedbus.protocols.fedavg import FedAvgServer, ServerCheckpoint
 from fedbus.protocols.hierarchical import EdgeAggregator
-from fedbus.protocols.hierarchical_rehoming import RehomeConfig, fallback_chain
-from fedbus.topology import BrokerSpec, NodeInfo, NodeRole, Topology
+from fedbus.protocols.hierarchical_rehoming import RehomeConfig, Rehoming
+from fedbus.topology import BrokerSpec, NodeRole, Topology
 from fedbus.transport.base import Transport, Will
 from fedbus.transport.mqtt import MqttTransport
 
@@ -77,116 +97,6 @@ log = logging.getLogger(__name__)
 Connect = Callable[[str, Will | None], Transport]
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """The hierarchy as the runtimes need it: namespaces, parents, fallbacks."""
-
-    topology: Topology
-    infos: dict[str, NodeInfo]
-    namespaces: dict[str, str]
-    watch: dict[str, tuple[str, ...]]
-
-    @classmethod
-    def of(cls, topology: Topology) -> Plan:
-        """Derive the plan of ``topology`` (deterministic: every process agrees)."""
-        infos = {i.id: i for i in topology.node_infos()}
-        server = topology.nodes.server
-        namespaces = {
-            i.id: namespace_of(topology.name, i.id, server=server)
-            for i in infos.values()
-            if i.role in (NodeRole.SERVER, NodeRole.EDGE)
-        }
-        watch: dict[str, tuple[str, ...]] = {
-            i.id: (namespaces[i.id], namespaces[i.parent])
-            for i in infos.values()
-            if i.role is NodeRole.EDGE and i.parent is not None
-        }
-        return cls(topology, infos, namespaces, watch)
-
-    def rehome(self, device: str) -> RehomeConfig:
-        """The fallbacks of ``device`` (``protocol.rehome``)."""
-        parent = self.infos[device].parent
-        assert parent is not None
-        grandparent = self.infos[parent].parent
-        if grandparent is None:  # a device of the cloud itself never re-homes
-            return RehomeConfig()
-        siblings = [
-            c for c in self.infos[grandparent].children if self.infos[c].role is NodeRole.EDGE
-        ]
-        chain = fallback_chain(
-            self.topology.protocol.rehome, parent=NodeId(parent),
-            grandparent=NodeId(grandparent), siblings=[NodeId(s) for s in siblings],
-        )  # fmt: skip
-        return RehomeConfig(fallbacks=chain)
-
-    def edge_config(self, edge: str) -> FedAvgConfig:
-        """This level's FedAvg settings (quorum, deadline) for ``edge``'s local rounds."""
-        info, p = self.infos[edge], self.topology.protocol
-        return FedAvgConfig(
-            rounds=1, fraction=p.fraction, min_clients=info.min_clients or 1,
-            round_timeout_s=info.round_timeout_s or p.round_timeout_s,
-            join_timeout_s=p.join_timeout_s, seed=derive_seed(self.topology.seed, "edge", edge),
-        )  # fmt: skip
-
-
-def cloud_config(topology: Topology, plan: Plan) -> FedAvgConfig:
-    """The cloud's FedAvg settings: all its children every round, its level's quorum."""
-    base = protocol_config(topology)
-    server = topology.nodes.server
-    assert server is not None
-    info = plan.infos[server]
-    return FedAvgConfig(
-        rounds=base.rounds, min_clients=info.min_clients or 1,
-        round_timeout_s=base.round_timeout_s, join_timeout_s=base.join_timeout_s,
-        evaluate=base.evaluate, seed=base.seed, train_config=base.train_config,
-    )  # fmt: skip
-
-
-class LevelMonitor(EdgeObserver):
-    """Keeps each edge's uploaded model per cloud round, for the per-level metrics."""
-
-    def __init__(self) -> None:
-        self.uploads: dict[int, dict[str, SendUpdate]] = {}
-        self.local_rounds: dict[str, int] = {}
-
-    def on_local_round(self, edge: str, closed: RoundClosed) -> None:
-        """Count the edge's local rounds (the display shows them)."""
-        self.local_rounds[edge] = self.local_rounds.get(edge, 0) + 1
-
-    def on_task_done(self, edge: str, top_round: int, update: SendUpdate) -> None:
-        """Keep what ``edge`` sent up for ``top_round``."""
-        self.uploads.setdefault(top_round, {})[edge] = update
-
-
-class HierarchicalResults(ResultsWriter):
-    """The cloud's results folder, with per-edge metrics merged into each row."""
-
-    def __init__(self, out: Path, monitor: LevelMonitor, evaluator: Trainer, **kwargs: Any) -> None:
-        super().__init__(out, **kwargs)
-        self._monitor = monitor
-        self._evaluator = evaluator
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        """Add ``edge_accuracy`` and ``edge_participants`` (in place: the display sees them)."""
-        uploads = self._monitor.uploads.pop(int(row["round"]), {})
-        if isinstance(row, dict) and uploads:
-            row["edge_accuracy"] = {
-                edge: float(self._evaluator.evaluate(u.weights).accuracy)
-                for edge, u in sorted(uploads.items())
-            }
-            row["edge_participants"] = {
-                edge: int(u.metrics.get("edge_participants", 0))
-                for edge, u in sorted(uploads.items())
-            }
-        super().append(row)
-
-    def finish(
-        self, weights: Mapping[str, Any], summary: Mapping[str, Any], *, title: str
-    ) -> dict[str, Any]:
-        """The summary says ``protocol: hierarchical``."""
-        return super().finish(weights, {**summary, "protocol": "hierarchical"}, title=title)
-
-
 @dataclass(slots=True)
 class HierarchicalResult:
     """What a hierarchical run produced."""
@@ -196,6 +106,7 @@ class HierarchicalResult:
     edges: dict[str, EdgeOutcome] = field(default_factory=dict)
     devices: dict[str, ClientOutcome] = field(default_factory=dict)
     device_nodes: dict[str, DeviceNode] = field(default_factory=dict)
+    edge_nodes: dict[str, EdgeNode] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)
     out: Path | None = None
 
@@ -241,31 +152,59 @@ async def _broker_connect(spec: BrokerSpec) -> AsyncIterator[Connect]:
 
 def make_edge(
     plan: Plan, edge: str, run: RunId, up_connect: Connect, down_connect: Connect,
-    *, observer: EdgeObserver | None = None, shared: bool,
+    *, observer: EdgeObserver | None = None, shared: bool, defenses: LevelDefenses | None = None,
+    restart: EdgeCheckpoint | None = None, connects: Mapping[str, Connect] | None = None,
 ) -> tuple[EdgeNode, list[SharedConnection]]:  # fmt: skip
-    """The `EdgeNode` of ``edge`` and the connections to enter around its run."""
+    """The `EdgeNode` of ``edge`` and the connections to enter around its run.
+
+    ``defenses`` builds its level's validators (None: the level's specs,
+    which must then not need a validation set); ``restart`` is its entry of
+    a resumed run's checkpoint. An edge under a region re-homes when the
+    region dies (``protocol.rehome``), to the fallbacks whose children's
+    broker is its upward one (``connects``: each aggregator's children's
+    connector; None: no re-homing).
+
+    Raises:
+        ConfigError: a ``validation_accuracy`` gate without ``defenses``.
+    """
     info, p = plan.infos[edge], plan.topology.protocol
     assert info.parent is not None
     up_ns, down_ns = plan.namespaces[info.parent], plan.namespaces[edge]
     aggregator = make_aggregator((info.aggregator or p.aggregator).as_dict())
+    if restart is not None:
+        aggregator.load_state_dict(restart.aggregator_state)
+    if defenses is not None:
+        validators = defenses.validators(edge)
+    elif any(v.kind == "validation_accuracy" for v in info.validators):
+        raise ConfigError(f"edge {edge!r}: validation_accuracy needs the data", path="nodes.edges")
+    else:
+        validators = make_validators([v.as_dict() for v in info.validators])
+    fallbacks = plan.rehome(edge).fallbacks if connects is not None else ()
+    reachable = [f for f in fallbacks if connects is not None and connects[f] is up_connect]
+    rehoming = None
+    if reachable:
+        rehoming = Rehoming(RehomeConfig(fallbacks=tuple(reachable)), parent=NodeId(info.parent))
     machine = EdgeAggregator(
         plan.edge_config(edge), node=NodeId(edge), run=run, edge_rounds=p.edge_rounds,
-        aggregator=aggregator,
+        aggregator=aggregator, validators=validators, rehoming=rehoming,
+        local_base=restart.local_base if restart is not None else 0,
     )  # fmt: skip
+    upper = SharedConnection(up_connect(edge, _will(up_ns, edge)))
     if shared:
-        one = SharedConnection(up_connect(edge, _will(up_ns, edge)))
-        up, down, conns = one.view(up_ns), one.view(down_ns), [one]
+        up, down, conns = upper.view(up_ns), upper.view(down_ns), [upper]
     else:
-        upper = SharedConnection(up_connect(edge, _will(up_ns, edge)))
         lower = SharedConnection(down_connect(edge, _will(down_ns, edge)))
         up, down, conns = upper.view(up_ns), lower.view(down_ns), [upper, lower]
     settings = EdgeSettings(
         node_id=edge, parent=info.parent, up_namespace=up_ns, down_namespace=down_ns,
         children=info.children, join_timeout_s=p.join_timeout_s,
+        namespaces={f: plan.namespaces[f] for f in reachable},
+        watch={n: plan.watch.get(n, ()) for n in (info.parent, *reachable)},
     )  # fmt: skip
     node = EdgeNode(
-        machine, up, down, settings, faults=fault_plan(plan.topology, edge), observer=observer
-    )
+        machine, up, down, settings, faults=fault_plan(plan.topology, edge), observer=observer,
+        views=upper.view,
+    )  # fmt: skip
     return node, conns
 
 
@@ -282,13 +221,15 @@ async def run_edge(node: EdgeNode, conns: list[SharedConnection]) -> EdgeOutcome
 
 
 def make_device(
-    plan: Plan, device: str, trainer: Trainer, connects: Mapping[str, Connect], run: RunId | None
-) -> DeviceNode:
-    """The `DeviceNode` of ``device`` with its fallbacks."""
+    plan: Plan, device: str, trainer: Trainer, connects: Mapping[str, Connect], run: RunId | None,
+    *, attack: LocalAttack | None = None,
+) -> DeviceNode:  # fmt: skip
+    """The `DeviceNode` of ``device`` with its fallbacks (and its simulated attack, if any)."""
     info, topology = plan.infos[device], plan.topology
     assert info.parent is not None
     settings = DeviceSettings(
         node_id=device, parent=info.parent, namespaces=plan.namespaces, watch=plan.watch,
+        groups={p: plan.infos[p].children for p in plan.namespaces},
         seed=topology.seed, rehome=plan.rehome(device),
         round_hint_s=min(topology.protocol.round_timeout_s, 2.0),
     )  # fmt: skip
@@ -296,35 +237,62 @@ def make_device(
     def connect(parent: str, will: Will) -> Transport:
         return connects[parent](device, will)
 
-    return DeviceNode(trainer, connect, settings, run=run, faults=fault_plan(topology, device))
+    return DeviceNode(
+        trainer, connect, settings, run=run, faults=fault_plan(topology, device), attack=attack
+    )
 
 
 def make_cloud(
     plan: Plan, data: FederationData, transport: Transport, *, run: RunId, out: Path | None,
     monitor: LevelMonitor, observer: ServerObserver | None, topology_text: str,
-    broker: dict[str, str],
+    broker: dict[str, str], defenses: LevelDefenses | None = None,
+    resume: Checkpoint | None = None,
 ) -> ServerNode:  # fmt: skip
-    """The cloud's `ServerNode` (a FedAvg server over its top-level children)."""
+    """The cloud's `ServerNode` (a FedAvg server over its top-level children).
+
+    ``defenses`` (default: built here from ``data``) gives its validators and
+    cuts their validation set off the test split; ``resume`` continues a run
+    after its checkpoint's round.
+    """
     topology = plan.topology
     server = topology.nodes.server
     assert server is not None
-    trainer = server_trainer(topology, data)
+    defenses = defenses or level_defenses(topology, data)
+    trainer = server_trainer(topology, defenses.data)
     children = plan.infos[server].children
-    machine = FedAvgServer(
-        cloud_config(topology, plan), run=run, weights=trainer.initial_weights(init_seed(topology.seed)),
-        aggregator=make_aggregator(topology.protocol.aggregator.as_dict()),
-        expected_nodes=len(children) or None,
-    )  # fmt: skip
+    config = cloud_config(topology, plan)
+    aggregator = make_aggregator(topology.protocol.aggregator.as_dict())
+    expected = len(children) or None
+    validators = defenses.validators(server)
+    machine: FedAvgServer
+    if resume is not None:
+        state = ServerCheckpoint(
+            round=resume.round, weights=resume.weights, aggregator_state=resume.aggregator_state
+        )
+        machine = FedAvgServer.from_checkpoint(
+            config, state, run=run, aggregator=aggregator, validators=validators,
+            expected_nodes=expected,
+        )  # fmt: skip
+    else:
+        machine = FedAvgServer(
+            config, run=run, weights=trainer.initial_weights(init_seed(topology.seed)),
+            aggregator=aggregator, validators=validators, expected_nodes=expected,
+        )  # fmt: skip
     results = None
     if out is not None:
-        results = HierarchicalResults(out, monitor, trainer)
+        results = HierarchicalResults(
+            out, monitor, trainer, federated=config.evaluate == "federated",
+            resume_round=resume.round if resume is not None else 0,
+        )  # fmt: skip
         results.write_topology(topology_text)
     settings = ServerSettings(
         node_id=server, namespace=plan.namespaces[server], name=topology.name, seed=topology.seed,
-        broker=broker, topology_text=topology_text, expected_nodes=len(children),
+        broker=broker, topology_text=topology_text, expected_nodes=len(children), resume=resume,
+        summary_extra=defenses.summary,
     )  # fmt: skip
+    evaluator = defenses.server().evaluator(topology, trainer)  # + backdoor_accuracy
     return ServerNode(
-        machine, transport, settings, evaluator=trainer, results=results, observer=observer
+        machine, transport, settings, evaluator=evaluator, results=results, observer=observer
     )
 
 
@@ -338,16 +306,26 @@ async def run_hierarchical(
     monitor: LevelMonitor | None = None,
     trainer_hook: Callable[[str, Trainer], Trainer] | None = None,
     grace_s: float = 3.0,
+    resume: Checkpoint | None = None,
 ) -> HierarchicalResult:
     """Run a hierarchical ``topology`` to its end in this process (module docstring).
 
+    ``resume`` continues the run of that checkpoint (its run id, the round
+    after it); ``out`` must then be the folder it came from (the edges'
+    checkpoints are read from there).
+
     Raises:
-        ConfigError: the data, model or aggregator cannot be built.
+        ConfigError: the data, model, aggregator or validators cannot be built.
+        DecodeError: an edge checkpoint is unreadable.
     """
     plan = Plan.of(topology)
     data = await asyncio.to_thread(build_data, topology, base_dir)
-    run_id = RunId(new_run_id(topology.name))
-    monitor = monitor or LevelMonitor()
+    defenses = level_defenses(topology, data)
+    attacks = AttackPlan(topology, defenses.data)
+    run_id = RunId(resume.run if resume is not None else new_run_id(topology.name))
+    if monitor is None:
+        saver = EdgeCheckpoints(out / EDGES_DIR, run_id) if out is not None else None
+        monitor = LevelMonitor(saver)
     server_id = topology.nodes.server
     assert server_id is not None
     async with open_bus(topology) as bus, child_buses(plan, bus) as connects:
@@ -358,18 +336,27 @@ async def run_hierarchical(
                 continue
             if info.role is NodeRole.EDGE:
                 up, down = connects[info.parent], connects[info.id]
+                restart = None
+                if resume is not None and out is not None:
+                    restart = read_edge_checkpoint(
+                        out / EDGES_DIR, info.id, run=run_id, top_round=resume.round
+                    )
                 edges[info.id] = make_edge(
-                    plan, info.id, run_id, up, down, observer=monitor, shared=up is down
-                )
+                    plan, info.id, run_id, up, down, observer=monitor, shared=up is down,
+                    defenses=defenses, restart=restart, connects=connects,
+                )  # fmt: skip
             elif info.role is NodeRole.CLIENT:
                 trainer = client_trainer(topology, data, info.id)
+                attack = attacks.client_attack(info.id, trainer)  # simulated attackers only
                 if trainer_hook is not None:
                     trainer = trainer_hook(info.id, trainer)
-                devices[info.id] = make_device(plan, info.id, trainer, connects, run_id)
+                devices[info.id] = make_device(
+                    plan, info.id, trainer, connects, run_id, attack=attack
+                )
         cloud = make_cloud(
             plan, data, bus.connect(server_id, None), run=run_id, out=out, monitor=monitor,
             observer=observer, topology_text=topology_text,
-            broker={"kind": bus.kind, "url": bus.url},
+            broker={"kind": bus.kind, "url": bus.url}, defenses=defenses, resume=resume,
         )  # fmt: skip
         async with asyncio.TaskGroup() as tg:
             edge_tasks = {
@@ -390,5 +377,5 @@ async def run_hierarchical(
          for e, t in edge_tasks.items()},
         {d: t.result() if not t.cancelled() else ClientOutcome(d, "failed", "stopped")
          for d, t in device_tasks.items()},
-        devices, dict(cloud.machine.weights), out,
+        devices, {e: n for e, (n, _) in edges.items()}, dict(cloud.machine.weights), out,
     )  # fmt: skip

@@ -5,8 +5,10 @@ Same contract as the centralized path in `fedbus.launch.command` (exit 0,
 that shows the levels (hierarchical: the cloud's row and each edge's model
 accuracy and participants) or the peers (gossip: mean, min and max
 accuracy and the consensus distance). The run also draws the topology
-(``topology.png``, `fedbus.nodes.topology_plot`). ``--resume`` is not
-supported for these kinds (no checkpoints below the cloud; documented).
+(``topology.png``, `fedbus.nodes.topology_plot`). ``--resume DIR``
+continues a hierarchical run from the cloud's last completed global round
+(the edges restart from their checkpoints in DIR), and a gossip run with
+metropolis mixing from each peer's checkpoint there (push-sum refuses it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedbus.errors import FedbusError
-from fedbus.launch.command import Progress, default_out
+from fedbus.launch.command import Progress, UsageError, _resume, default_out
+from fedbus.nodes import Checkpoint
 from fedbus.nodes.topology_plot import TOPOLOGY_PLOT_FILE, write_topology_plot
 from fedbus.topology import NodeRole, Topology
 
@@ -38,9 +41,12 @@ class LevelProgress(Progress):
         super().on_round(row)
         accuracy = row.get("edge_accuracy") or {}
         participants = row.get("edge_participants") or {}
+        rejected = row.get("edge_rejected") or {}
         if accuracy:
             parts = [
-                f"{edge} {_num(acc)} ({participants.get(edge, '?')} devices)"
+                f"{edge} {_num(acc)} ({participants.get(edge, '?')} devices"
+                + (f", {sum(rejected[edge].values())} rejected" if rejected.get(edge) else "")
+                + ")"
                 for edge, acc in accuracy.items()
             ]
             print("    edges: " + ", ".join(parts), file=self.stream, flush=True)
@@ -67,14 +73,26 @@ class PeerProgress:
         )
 
 
+def _done(resume: Checkpoint | None) -> int:
+    return resume.round if resume is not None else 0
+
+
 def run_kind_command(args: argparse.Namespace, topology: Topology) -> int:
     """Run a hierarchical or gossip ``topology`` for ``fedbus run`` (see the module docstring)."""
+    resume = None
     if args.resume:
-        print(
-            f"fedbus run: --resume is not supported for {topology.protocol.kind}", file=sys.stderr
-        )
-        return 2
-    out = Path(args.out or default_out(topology.name))
+        if topology.protocol.kind == "gossip" and topology.protocol.mixing != "metropolis":
+            print("fedbus run: --resume is not supported for push_sum gossip", file=sys.stderr)
+            return 2
+        if args.out and Path(args.out) != Path(args.resume):
+            print("fedbus run: --resume writes into its own folder; drop --out", file=sys.stderr)
+            return 2
+        try:
+            resume = _resume(args.resume, topology)
+        except UsageError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    out = Path(args.resume) if resume is not None else Path(args.out or default_out(topology.name))
     text = Path(args.topology).read_text(encoding="utf-8")
     p, kind = topology.protocol, topology.protocol.kind
     if kind == "gossip":
@@ -82,11 +100,16 @@ def run_kind_command(args: argparse.Namespace, topology: Topology) -> int:
     else:
         edges = len(topology.ids(NodeRole.EDGE))
         shape = f"{edges} edges, {len(topology.ids(NodeRole.CLIENT))} devices, {p.edge_rounds} edge rounds"
+    start = f", resuming after round {resume.round}" if resume is not None else ""
     print(
         f"fedbus run {topology.name}: {kind}, {shape}, {p.rounds} rounds, "
-        f"broker {topology.broker.url}; results in {out}",
+        f"broker {topology.broker.url}{start}; results in {out}",
         flush=True,
     )
+    from fedbus.launch.robustness import describe_attacks
+
+    for attack in describe_attacks(topology):  # every kind prints its attackers (issue 5)
+        print(f"attack {attack['describe']} by {', '.join(attack['nodes']) or 'none'}")
     out.mkdir(parents=True, exist_ok=True)
     write_topology_plot(out / TOPOLOGY_PLOT_FILE, topology)
     base_dir = Path(args.topology).parent
@@ -96,7 +119,7 @@ def run_kind_command(args: argparse.Namespace, topology: Topology) -> int:
 
             gossip = asyncio.run(
                 run_gossip(topology, out=out, base_dir=base_dir, topology_text=text,
-                           on_row=PeerProgress(p.rounds))
+                           on_row=PeerProgress(p.rounds), resume=resume)
             )  # fmt: skip
             success, reason, summary = gossip.success, gossip.reason, gossip.summary or {}
         else:
@@ -104,7 +127,8 @@ def run_kind_command(args: argparse.Namespace, topology: Topology) -> int:
 
             hier = asyncio.run(
                 run_hierarchical(topology, out=out, base_dir=base_dir, topology_text=text,
-                                 observer=LevelProgress(p.rounds))
+                                 observer=LevelProgress(p.rounds, start_round=_done(resume)),
+                                 resume=resume)
             )  # fmt: skip
             success, reason = hier.server.success, hier.server.reason
             summary = hier.server.summary or {}

@@ -32,6 +32,7 @@ from fedbus.launch.hierarchical import (
     make_edge,
     run_edge,
 )
+from fedbus.launch.hierarchical_defenses import level_defenses
 from fedbus.launch.kinds import LevelProgress
 from fedbus.learning.seeds import init_seed
 from fedbus.messages import Manifest
@@ -128,8 +129,9 @@ async def _run(
             print(f"fedbus node {info.id}: waiting for {info.parent}'s run", flush=True)
             run = await learn_run(up, info.id, plan.namespaces[info.parent], info.parent)
             edge_node, conns = make_edge(
-                plan, info.id, run, up, connects[info.id], shared=up is connects[info.id]
-            )
+                plan, info.id, run, up, connects[info.id], shared=up is connects[info.id],
+                defenses=level_defenses(topology, data), connects=connects,
+            )  # fmt: skip
             edge = await run_edge(edge_node, conns)
             ok, reason = edge.status == "finished", edge.reason or edge.status
         else:

@@ -94,14 +94,19 @@ def check_aggregator(
 def unsupported_robustness(topology: Topology) -> str | None:
     """Why this topology's validators or attacks would not run (None: they will).
 
-    Only the centralized runtime wires them so far; running another kind
-    without them would report an attacked run as a clean one.
+    The centralized and hierarchical runtimes wire them (the latter at every
+    level, `fedbus.launch.hierarchical_defenses`), and so does gossip with
+    Metropolis mixing (every peer, `fedbus.launch.gossip_robust`); running
+    another kind without them would report an attacked run as a clean one.
     """
     kind = topology.protocol.kind
-    if kind != "centralized" and (topology.attacks or topology.protocol.validators):
+    if kind == "gossip" and topology.protocol.mixing != "metropolis" and topology.attacks:
+        return "attacks at gossip peers run with mixing 'metropolis' only (push-sum sends shares)"
+    wired = ("centralized", "hierarchical", "gossip")
+    if kind not in wired and (topology.attacks or topology.protocol.validators):
         return (
-            f"protocol.validators and attacks run under 'centralized' only so far; "
-            f"the {kind!r} runtime would ignore them"
+            f"protocol.validators and attacks run under 'centralized' only so far (and "
+            f"'hierarchical'); the {kind!r} runtime would ignore them"
         )
     return None
 

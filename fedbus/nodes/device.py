@@ -22,17 +22,20 @@ its accounting gate, so a top-level round trained for through the old
 parent is not answered again through the new one. ``trained`` records
 ``(top round, parent)`` for every training started, which is what the
 accounting tests check.
+
+A simulated attacker (``attack``) forges its updates in the top-level rounds
+its attack is active in (`fedbus.nodes.device_support.device_work`). Under
+``protocol.evaluate: federated`` the device evaluates the model it receives
+when the broadcast asks for it, as a centralized client does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Literal
 
 from fedbus import codec, topics
@@ -52,12 +55,12 @@ from fedbus.messages import (
     tensors_from_arrays,
     tensors_to_arrays,
 )
-from fedbus.nodes.client import ClientOutcome, _scalars
+from fedbus.nodes.client import ClientOutcome, LocalAttack, _scalars
+from fedbus.nodes.device_support import ConnectTo, DeferredMachine, DeviceSettings, device_work
 from fedbus.nodes.driver import Driver
 from fedbus.nodes.faults import FaultPlan
 from fedbus.nodes.namespaces import NamespaceView, SharedConnection
 from fedbus.nodes.server import LEAVE_CHANNEL, MANIFEST_CHANNEL, MODEL_CHANNEL
-from fedbus.nodes.training import run_local_work
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg import (
     CancelTraining,
@@ -74,49 +77,18 @@ from fedbus.protocols.hierarchical_client import HierarchicalClient
 from fedbus.protocols.hierarchical_rehoming import (
     TOP_ROUND_KEY,
     ParentLost,
-    RehomeConfig,
     Rehoming,
     Stranded,
     SwitchParent,
 )
-from fedbus.transport.base import Transport, Will
+from fedbus.transport.base import Will
 from fedbus.transport.messenger import Messenger
 
 __all__ = ["ConnectTo", "DeviceNode", "DeviceSettings"]
 
 log = logging.getLogger(__name__)
 
-ConnectTo = Callable[[str, Will], Transport]
-"""Builds a connection (not yet entered) to the broker of ``parent``'s children."""
-
 _Exit = Literal["", "crash", "churn", "rehome"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceSettings:
-    """Who the device is and where its parents live.
-
-    Attributes:
-        node_id: this device's id.
-        parent: its parent at start.
-        namespaces: each possible parent's children's namespace.
-        watch: each possible parent's other namespaces where its will may appear.
-        seed: the run's seed (local training seeds).
-        rehome: fallbacks and watchdog; None never re-homes.
-        join_attempts: Joins per connection before giving up on an answer.
-        join_backoff_s: first wait for an answer; doubles per attempt (max 8 s).
-        round_hint_s: assumed round length (churn down time).
-    """
-
-    node_id: str
-    parent: str
-    namespaces: Mapping[str, str]
-    watch: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    seed: int = 0
-    rehome: RehomeConfig | None = None
-    join_attempts: int = 8
-    join_backoff_s: float = 0.5
-    round_hint_s: float = 2.0
 
 
 class DeviceNode:
@@ -128,6 +100,7 @@ class DeviceNode:
         settings: identity, parents, re-homing.
         run: the run id (None: learnt from the first parent manifest).
         faults: simulated faults (crash, dropout, churn; rounds are top-level rounds).
+        attack: simulation only: forges this device's updates; None is honest.
         clock: monotonic seconds.
     """
 
@@ -139,9 +112,11 @@ class DeviceNode:
         *,
         run: RunId | None = None,
         faults: FaultPlan | None = None,
+        attack: LocalAttack | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trainer = trainer
+        self._attack = attack
         self.settings = settings
         self.id = settings.node_id
         self._connect = connect
@@ -163,6 +138,7 @@ class DeviceNode:
         self._work: asyncio.Task[None] | None = None
         self._messenger: Messenger | None = None
         self._model_top: dict[int, int] = {}
+        self._model_selected: dict[int, list[str]] = {}
         self.trained: list[tuple[int, str]] = []
         """(top-level round, parent) of every training started."""
         self.parents: list[str] = [settings.parent]
@@ -235,7 +211,8 @@ class DeviceNode:
         return self._exit
 
     async def _drive(self, messenger: Messenger, parent: str) -> None:
-        driver = self._driver = Driver(_Deferred(self), self._execute, clock=self._clock)
+        machine = DeferredMachine(lambda: self.machine)
+        driver = self._driver = Driver(machine, self._execute, clock=self._clock)
         async with asyncio.TaskGroup() as tg:
             receiver = tg.create_task(
                 self._receive(driver, messenger, parent), name=f"fedbus[{self.id}].receive"
@@ -293,6 +270,7 @@ class DeviceNode:
         top = msg.config.get(TOP_ROUND_KEY, msg.round)
         top_round = top if isinstance(top, int) and not isinstance(top, bool) else msg.round
         self._model_top[msg.round] = top_round
+        self._model_selected = {msg.round: msg.selected}  # the attack's view of the round
         self._check_faults(top_round)
         return ModelReceived(
             run=RunId(msg.run), round=msg.round, weights=tensors_to_arrays(msg.weights),
@@ -355,13 +333,15 @@ class DeviceNode:
             case Train() | Evaluate():
                 if self._faults is not None and self._faults.drops(command.round):
                     return False
+                top = self._model_top.get(command.round, command.round)
                 if isinstance(command, Train):
-                    top = self._model_top.get(command.round, command.round)
                     self.trained.append((top, self.parent))
-                self._work = self._spawn(
-                    run_local_work(self.trainer, command, self.id, self.settings.seed, self._post),
-                    "train",
+                work = device_work(
+                    self.trainer, command, self.settings, self._post, attack=self._attack,
+                    top_round=top, selected=self._model_selected.get(command.round, []),
+                    parent=self.parent,
                 )  # fmt: skip
+                self._work = self._spawn(work, "train")
             case CancelTraining():
                 if self._work is not None:
                     self._work.cancel()
@@ -411,27 +391,3 @@ class DeviceNode:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._work = None
-
-
-class _NoMachine(enum.Enum):
-    WAITING_FOR_RUN = "waiting_for_run"
-
-
-class _Deferred:
-    """The driver's view of the device machine, which may be built after the driver."""
-
-    def __init__(self, node: DeviceNode) -> None:
-        self._node = node
-
-    @property
-    def state(self) -> enum.Enum:
-        machine = self._node.machine
-        return _NoMachine.WAITING_FOR_RUN if machine is None else machine.state
-
-    def next_deadline(self) -> float | None:
-        machine = self._node.machine
-        return None if machine is None else machine.next_deadline()
-
-    def handle(self, event: Event, *, now: float) -> list[Command]:
-        machine = self._node.machine
-        return [] if machine is None else machine.handle(event, now=now)

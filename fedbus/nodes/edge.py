@@ -20,20 +20,39 @@ before it joins its parent, so that the first parent round finds its group
 complete. A simulated crash (``faults: crash``) is decided when a parent
 model of round ``at_round`` or later arrives: the connections drop without
 DISCONNECT and the wills go out, which is what makes the children re-home.
-Edges themselves do not re-home in this runtime (documented limit).
+
+Re-homing (an edge under a region). The edge watches its parent's ``leave``
+topic in the parent's namespace and in the namespace where the parent's own
+will goes (``settings.watch``, as devices do); a Leave from the parent is a
+`ParentLost` for the machine, whose `SwitchParent` makes the runtime send a
+best-effort Leave to the old parent, close the upward messenger, open one
+in the new parent's namespace on the same upward connection, subscribe and
+Join there (the Leave goes to the old parent directly: a broadcast one in
+its namespace is where this edge's will goes, and its children would take
+it for its death); its children and its down side are untouched. Only fallbacks
+whose children share the upward connection's broker are reachable
+(``settings.namespaces``); a fallback on another broker leaves the edge
+stranded (logged). The connection's will stays the one set at connect time
+(a Leave in the first parent's namespace): the new parent learns of this
+edge's death by its round deadlines, the children still by the will.
+
+Per-level reports. Each `TaskEnded` of the machine (one per parent round:
+local rounds, participants, rejections by reason, the children's federated
+evaluation, the restart point) goes to the observer's ``on_task_ended``;
+the launcher merges them into the cloud's metrics rows and writes them as
+this edge's checkpoint (`fedbus.nodes.edge_checkpoint`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from fedbus import codec, topics
 from fedbus._types import NodeId, RunId
 from fedbus.errors import FedbusError
 from fedbus.messages import (
@@ -52,7 +71,15 @@ from fedbus.messages import (
 )
 from fedbus.nodes.client import _scalars
 from fedbus.nodes.driver import Driver
+from fedbus.nodes.edge_support import (
+    EdgeObserver,
+    EdgeOutcome,
+    EdgeSettings,
+    bounded_id,
+    namespace_of,
+)
 from fedbus.nodes.faults import FaultPlan
+from fedbus.nodes.namespaces import NamespaceView
 from fedbus.nodes.server import LEAVE_CHANNEL, MANIFEST_CHANNEL, MODEL_CHANNEL
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg import (
@@ -72,72 +99,14 @@ from fedbus.protocols.fedavg import (
     UpdateFailed,
     UpdateReceived,
 )
-from fedbus.protocols.hierarchical import EdgeAggregator
+from fedbus.protocols.hierarchical import EdgeAggregator, TaskEnded
+from fedbus.protocols.hierarchical_rehoming import ParentLost, Stranded, SwitchParent
 from fedbus.transport.base import Transport
 from fedbus.transport.messenger import Messenger
 
 __all__ = ["EdgeNode", "EdgeObserver", "EdgeOutcome", "EdgeSettings", "namespace_of"]
 
 log = logging.getLogger(__name__)
-
-
-def namespace_of(name: str, node_id: str, *, server: str | None) -> str:
-    """The topic namespace of ``node_id``'s children.
-
-    The topology name for the server, ``<name>.<node-id>`` for an edge (hashed
-    when that would exceed one 64-character topic level).
-    """
-    if node_id == server:
-        return name
-    full = f"{name}.{node_id}"
-    if len(full) <= 64:
-        return full
-    digest = hashlib.sha256(node_id.encode()).hexdigest()[:16]
-    return f"{name[:47]}.{digest}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EdgeSettings:
-    """Who the edge is, its parent, and its two namespaces.
-
-    Attributes:
-        node_id: the edge's id.
-        parent: its parent's id.
-        up_namespace: the parent's namespace.
-        down_namespace: this edge's own namespace.
-        children: the children the topology declares (waited for before joining up).
-        join_timeout_s: how long to wait for them.
-        join_attempts: Joins sent to the parent before giving up on an answer.
-        join_backoff_s: first wait for the parent's Ack; doubles per attempt (max 8 s).
-    """
-
-    node_id: str
-    parent: str
-    up_namespace: str
-    down_namespace: str
-    children: tuple[str, ...] = ()
-    join_timeout_s: float = 60.0
-    join_attempts: int = 8
-    join_backoff_s: float = 0.5
-
-
-class EdgeObserver:
-    """Per-level progress callbacks; every method is optional."""
-
-    def on_local_round(self, edge: str, closed: RoundClosed) -> None:
-        """A local round of ``edge`` closed."""
-
-    def on_task_done(self, edge: str, top_round: int, update: SendUpdate) -> None:
-        """``edge`` sent its update for cloud round ``top_round`` upward."""
-
-
-@dataclass(frozen=True, slots=True)
-class EdgeOutcome:
-    """How an edge ended: ``finished``, ``crashed`` (simulated) or ``failed`` (``reason``)."""
-
-    node_id: str
-    status: Literal["finished", "crashed", "failed"]
-    reason: str = ""
 
 
 class EdgeNode:
@@ -150,6 +119,8 @@ class EdgeNode:
         settings: identity, parent and namespaces.
         faults: simulated faults (a crash); None injects none.
         observer: per-level callbacks.
+        views: the upward connection's view of a namespace (re-homing and
+            watching the parent's will); None: neither.
         clock: monotonic seconds.
     """
 
@@ -162,6 +133,7 @@ class EdgeNode:
         *,
         faults: FaultPlan | None = None,
         observer: EdgeObserver | None = None,
+        views: Callable[[str], NamespaceView] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.machine = machine
@@ -181,6 +153,14 @@ class EdgeNode:
         self._top_round: dict[int, int] = {}
         self._crashed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._views = views
+        self.parent = settings.parent
+        """The parent in force (changes when this edge re-homes)."""
+        self.parents: list[str] = [settings.parent]
+        """Every parent so far, the current one last."""
+        self._up_exit = contextlib.AsyncExitStack()
+        self._up_tasks: set[asyncio.Task[None]] = set()
+        self._driver: Driver | None = None
 
     async def run(self) -> EdgeOutcome:
         """Serve until the parent finishes the run (or a simulated crash); never raises."""
@@ -192,36 +172,28 @@ class EdgeNode:
 
     async def _run(self) -> EdgeOutcome:
         s = self.settings
-        async with (
-            Messenger(
-                self._down_transport, node_id=self.id, run=s.down_namespace, strict_run=False
-            ) as down,
-            Messenger(
-                self._up_transport, node_id=self.id, run=s.up_namespace, strict_run=False
-            ) as up,
-        ):
-            self._up, self._down = up, down
+        async with Messenger(
+            self._down_transport, node_id=self.id, run=s.down_namespace, strict_run=False
+        ) as down:
+            self._down = down
             await down.subscribe_broadcasts(None, LEAVE_CHANNEL)
-            await up.subscribe_broadcasts(s.parent, MANIFEST_CHANNEL)
-            await up.subscribe_broadcasts(s.parent, MODEL_CHANNEL)
             if not s.children:
                 self._children_in.set()
-            driver = Driver(self.machine, self._execute, clock=self._clock)
+            driver = self._driver = Driver(self.machine, self._execute, clock=self._clock)
             try:
+                await self._open_up(driver, s.parent, self._up_transport, s.up_namespace)
                 async with asyncio.TaskGroup() as tg:
-                    receivers = [
-                        tg.create_task(self._receive_down(driver, down), name=f"fedbus[{self.id}].down"),
-                        tg.create_task(self._receive_up(driver, up), name=f"fedbus[{self.id}].up"),
-                    ]  # fmt: skip
-                    self._spawn(self._join_parent(up))
+                    receiver = tg.create_task(
+                        self._receive_down(driver, down), name=f"fedbus[{self.id}].down"
+                    )
                     await driver.feed(Started())
                     await driver.run()
-                    for task in receivers:
-                        task.cancel()
+                    receiver.cancel()
             finally:
-                for task in list(self._tasks):
+                for task in [*self._tasks, *self._up_tasks]:
                     task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.gather(*self._tasks, *self._up_tasks, return_exceptions=True)
+                await self._up_exit.aclose()
             if not self._crashed:
                 with contextlib.suppress(Exception):  # best effort: the run is over either way
                     async with asyncio.timeout(5.0):
@@ -230,10 +202,11 @@ class EdgeNode:
             return EdgeOutcome(self.id, "crashed", "simulated crash")
         return EdgeOutcome(self.id, "finished")
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"fedbus[{self.id}].join")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Any, what: str, tasks: set[asyncio.Task[None]] | None = None) -> None:
+        group = self._tasks if tasks is None else tasks
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"fedbus[{self.id}].{what}")
+        group.add(task)
+        task.add_done_callback(group.discard)
 
     # -- children ---------------------------------------------------------------------
 
@@ -270,7 +243,64 @@ class EdgeNode:
 
     # -- parent -------------------------------------------------------------------------
 
-    async def _join_parent(self, messenger: Messenger) -> None:
+    async def _open_up(
+        self, driver: Driver, parent: str, transport: Transport, namespace: str
+    ) -> None:
+        """Toward ``parent``: a messenger in its namespace, its will watched, a Join sent."""
+        up = await self._up_exit.enter_async_context(
+            Messenger(transport, node_id=self.id, run=namespace, strict_run=False)
+        )
+        self._up = up
+        for channel in (MANIFEST_CHANNEL, MODEL_CHANNEL, LEAVE_CHANNEL):
+            await up.subscribe_broadcasts(parent, channel)
+        for ns in self.settings.watch.get(parent, ()):
+            if ns == namespace or self._views is None:
+                continue
+            view = self._views(ns)
+            await view.subscribe(topics.broadcast(ns, parent, LEAVE_CHANNEL))
+            self._spawn(self._watch(driver, view, parent), "watch", self._up_tasks)
+        self._spawn(self._receive_up(driver, up, parent), "up", self._up_tasks)
+        self._confirmed = asyncio.Event()
+        self._spawn(self._join_parent(up, parent), "join", self._up_tasks)
+
+    async def _switch(self, command: SwitchParent) -> None:
+        """Re-home upward to ``command.parent`` (see the module docstring)."""
+        namespace = self.settings.namespaces.get(command.parent)
+        old = self._up
+        if old is not None:
+            # Sent to the old parent, not broadcast: our children read a broadcast Leave of
+            # ours in that namespace as our death (our will goes there) and would re-home.
+            with contextlib.suppress(FedbusError):  # best effort: the old parent is usually dead
+                leave = Leave(run=self.run_id, sender=self.id, reason="re-homing")
+                await old.send(command.previous, leave)
+        tasks, self._up_tasks = list(self._up_tasks), set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._up_exit.aclose()
+        self._up_exit = contextlib.AsyncExitStack()
+        self._up, self._top_round = None, {}
+        if namespace is None or self._views is None or self._driver is None:
+            log.warning("%s: cannot reach %s over its upward connection; stranded",
+                        self.id, command.parent)  # fmt: skip
+            return
+        log.info("%s: re-homing from %s to %s: %s", self.id, command.previous, command.parent,
+                 command.reason)  # fmt: skip
+        self.parent = command.parent
+        self.parents.append(command.parent)
+        view = self._views(namespace)
+        await self._open_up(self._driver, command.parent, view, namespace)
+
+    async def _watch(self, driver: Driver, view: NamespaceView, parent: str) -> None:
+        async for received in view.messages():
+            if not received.payload:
+                continue
+            with contextlib.suppress(Exception):  # not a fedbus message: ignore it
+                msg = codec.decode(received.payload)
+                if isinstance(msg, Leave) and msg.sender == parent:
+                    driver.post(ParentLost(parent=NodeId(parent), reason=msg.reason or "left"))
+
+    async def _join_parent(self, messenger: Messenger, parent: str) -> None:
         s = self.settings
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(s.join_timeout_s):
@@ -280,18 +310,21 @@ class EdgeNode:
             join = Join(run=self.run_id, sender=self.id, role="edge", num_examples=0)
             self._join_ids.add(join.id)
             with contextlib.suppress(FedbusError):
-                await messenger.send(s.parent, join)
+                await messenger.send(parent, join)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._confirmed.wait()
                     return
             wait_s = min(8.0, wait_s * 2)
-        log.warning("%s: no answer from %s to %d joins", self.id, s.parent, s.join_attempts)
+        log.warning("%s: no answer from %s to %d joins", self.id, parent, s.join_attempts)
 
-    async def _receive_up(self, driver: Driver, messenger: Messenger) -> None:
+    async def _receive_up(self, driver: Driver, messenger: Messenger, parent: str) -> None:
         async for _topic, msg in messenger.messages():
             event: Event | None = None
-            if isinstance(msg, Ack):
+            if isinstance(msg, Leave):
+                if msg.sender == parent:
+                    event = ParentLost(parent=NodeId(parent), reason=msg.reason or "left")
+            elif isinstance(msg, Ack):
                 if msg.ref in self._join_ids:
                     self._confirmed.set()
             elif msg.run != self.run_id:
@@ -327,14 +360,13 @@ class EdgeNode:
 
     async def _execute(self, command: Command) -> bool:
         up, down = self._up, self._down
-        assert up is not None
         assert down is not None
         match command:
             case BroadcastModel():
                 await down.broadcast(
                     ModelBroadcast(
                         run=self.run_id, round=command.round, sender=self.id,
-                        id=_bounded_id(command.request_id),
+                        id=bounded_id(command.request_id),
                         weights=tensors_from_arrays(command.weights),
                         config=dict(command.config),
                         selected=self._compact(command.selected),
@@ -359,6 +391,8 @@ class EdgeNode:
                     await down.send(command.sender, ack)
             case RoundClosed():
                 self._observer.on_local_round(self.id, command)
+            case TaskEnded():
+                self._observer.on_task_ended(self.id, command)
             case RoundFailed():
                 log.info("%s: local round %d attempt %d failed: %s", self.id, command.round,
                          command.attempt, command.reason)  # fmt: skip
@@ -371,23 +405,22 @@ class EdgeNode:
                     num_examples=command.num_examples, encoding=command.encoding,
                     reply_to=command.reply_to, metrics=_scalars(command.metrics),
                 )  # fmt: skip
-                await up.send(self.settings.parent, update)
+                if up is not None:  # None: stranded after a failed re-homing
+                    await up.send(self.parent, update)
             case SendFailure():
                 failure = UpdateFailure(
                     run=self.run_id, round=command.round, sender=self.id,
                     reason=command.reason[:256], reply_to=command.reply_to,
                 )  # fmt: skip
-                await up.send(self.settings.parent, failure)
+                if up is not None:
+                    await up.send(self.parent, failure)
+            case SwitchParent():
+                await self._switch(command)
+            case Stranded():
+                log.warning("%s: %s", self.id, command.reason)
             case Stop():
                 log.info("%s: %s", self.id, command.reason)
                 return True
             case _:
                 log.debug("%s: %s", self.id, command)
         return False
-
-
-def _bounded_id(request_id: str) -> str:
-    """The machine's ``<edge>:<request>`` id, hashed if beyond the wire's 128 characters."""
-    if len(request_id) <= 128:
-        return request_id
-    return hashlib.sha256(request_id.encode()).hexdigest()[:32]

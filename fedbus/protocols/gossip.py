@@ -12,22 +12,19 @@ mix, go on to the next round (D-PSGD, Lian et al. 2017, train-then-mix).
 States (`PeerState`)::
 
     IDLE --Started--> WAITING_FOR_NEIGHBOURS --(all joined | join deadline)--> TRAINING
+         --Started--> FINISHED                (resumed after its last round: Finish)
     TRAINING --TrainingDone / TrainingFailed--> COLLECTING          (SendModel)
     COLLECTING --(nobody outstanding | round deadline)--> TRAINING   (RoundMixed, Train)
                                                       --> COLLECTING (mixing-only round: SendModel)
                                                       --> FINISHED   (last round: Finish)
     TRAINING | COLLECTING --Rejoined--> SYNCING                       (back from churn)
-    SYNCING --(every answered neighbour's snapshot | deadline)--> TRAINING | COLLECTING | FINISHED
+    SYNCING --(every expected snapshot | deadline)--> TRAINING | COLLECTING | FINISHED
     any state --(our own misuse)--> ERROR (terminal)
 
 Learning-rate decay and the consensus phase. Round ``r`` trains with
-``lr * lr_decay ** (r - 1)``, and after the ``rounds`` training rounds come
-``final_mixing_rounds`` mixing-only rounds (send the current model, mix, no
-training); see `GossipConfig` for why (a constant step keeps a consensus
-error floor of order ``lr / spectral gap``; each mixing-only step shrinks
-the distance to the average by the mixing matrix's second eigenvalue
-modulus and keeps the average). A mixing-only round is an ordinary round on
-the wire (one model per directed edge), so neighbours need no new rule.
+``lr * lr_decay ** (r - 1)``; after the ``rounds`` training rounds come
+``final_mixing_rounds`` mixing-only rounds, ordinary rounds on the wire
+without `Train` (why: `GossipConfig`).
 
 Mixing. With ``P`` the neighbours whose round-``r`` model arrived, the new
 model is ``x_i = W_ii * x_i + sum_{j in P} W_ij * x_j`` with the
@@ -46,22 +43,16 @@ and no longer waited for. It rejoins cleanly when it announces itself again
 (`NeighbourJoined`) or when a valid model of the current or a later round
 arrives from it: that model is used like any other.
 
-Rejoin sync. A peer back from an absence (`Rejoined`, fed by the runtime
-once its Joins were answered) does not train on from its stale model: it
-waits (at most ``round_timeout_s``) for a snapshot of the current model of
-each neighbour that answered, adopts their plain average, and goes on with
-the round after the newest round they completed (so it neither replays
-rounds nor drags stale parameters back in). Its own stale model and any
-model received before it left are discarded. A neighbour that announces
-itself with a Join (`NeighbourJoined` with ``wants_model``) is answered
-with such a snapshot (`SendModel` with ``sync``) once at least one round is
-done, also after the last round (the runtime lingers briefly for it). If the
-neighbours completed the last round, the returning peer reports the adopted
-model as that round's and finishes. This is the "pull the current model
-from neighbours on (re)join" rule of practical gossip systems (e.g. the
-bootstrapping of new nodes in Gossip Learning, Ormandi et al. 2013; Hegedus
-et al. 2021); without it a returning peer would train alone from a model
-``down_rounds`` rounds old and its neighbours would mix it back in.
+Rejoin sync (`fedbus.protocols.gossip_sync`). A peer back from an absence
+(`Rejoined`) does not train on from its stale model: it adopts the mean of
+snapshots of its neighbours' current models (`SendModel` with ``sync``,
+which every peer sends in answer to a Join, also before round 1 is done and
+after the last round) and goes on after the newest round they completed.
+A neighbour that is back gets our model of the round in progress as well.
+
+Defenses (`fedbus.protocols.gossip_defense`): validators may reject
+neighbour models before the mix, and a robust rule may replace it.
+``start_round`` resumes a peer from its checkpoint (`fedbus.nodes.peer_checkpoint`).
 
 Rounds. Round numbers never go backwards. Models of an earlier round, a second
 model from one neighbour for one round, models of other runs, from non
@@ -74,13 +65,13 @@ its neighbours are instead of replaying the rounds it missed.
 
 Invariants (checked by the hypothesis tests): rounds of RoundMixed strictly
 increase; each neighbour's model enters at most one mix, at most once, only
-in the round it names; coefficients sum to one; every state but TRAINING,
-IDLE and FINISHED has a deadline.
+in the round it names; coefficients sum to one (Metropolis: a robust rule
+that is not linear reports none); every state but TRAINING, IDLE and
+FINISHED has a deadline.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -103,6 +94,9 @@ from fedbus.protocols.fedavg_types import (
     TrainingDone,
     TrainingFailed,
 )
+from fedbus.protocols.gossip_defense import PeerDefense
+from fedbus.protocols.gossip_states import PEER_TRANSITIONS, PeerState
+from fedbus.protocols.gossip_sync import RejoinSync
 from fedbus.protocols.gossip_types import (
     NOT_NEIGHBOUR,
     GossipConfig,
@@ -123,60 +117,6 @@ from fedbus.protocols.timed import DeadlineFirst
 __all__ = ["PEER_TRANSITIONS", "GossipPeer", "PeerState"]
 
 
-class PeerState(enum.Enum):
-    """Where a gossip peer stands; see the module docstring."""
-
-    IDLE = "idle"
-    WAITING_FOR_NEIGHBOURS = "waiting"
-    TRAINING = "training"
-    COLLECTING = "collecting"
-    SYNCING = "syncing"
-    FINISHED = "finished"
-    ERROR = "error"
-
-
-_P = PeerState
-_REMOTE: tuple[type[Event], ...] = (
-    NeighbourJoined, NeighbourLost, PeerModelReceived, PeerSnapshotReceived, Rejoined, Tick,
-)  # fmt: skip
-
-
-def _row(
-    state: PeerState, changes: dict[type[Event], frozenset[PeerState]]
-) -> dict[type[Event], frozenset[PeerState]]:
-    row = {kind: frozenset({state}) for kind in _REMOTE}
-    for kind, targets in changes.items():
-        row[kind] = row.get(kind, frozenset()) | targets
-    return row
-
-
-_NEXT = frozenset({_P.TRAINING, _P.COLLECTING, _P.FINISHED})
-_SYNC = frozenset({_P.SYNCING}) | _NEXT
-PEER_TRANSITIONS: dict[PeerState, dict[type[Event], frozenset[PeerState]]] = {
-    _P.IDLE: _row(_P.IDLE, {Started: frozenset({_P.WAITING_FOR_NEIGHBOURS, _P.TRAINING})}),
-    _P.WAITING_FOR_NEIGHBOURS: _row(
-        _P.WAITING_FOR_NEIGHBOURS,
-        {NeighbourJoined: frozenset({_P.TRAINING}), Tick: frozenset({_P.TRAINING})},
-    ),
-    _P.TRAINING: _row(
-        _P.TRAINING,
-        {
-            TrainingDone: frozenset({_P.COLLECTING}) | _NEXT,
-            TrainingFailed: frozenset({_P.COLLECTING}) | _NEXT,
-            Rejoined: _SYNC,
-        },
-    ),
-    _P.COLLECTING: _row(
-        _P.COLLECTING,
-        {PeerModelReceived: _NEXT, NeighbourLost: _NEXT, Tick: _NEXT, Rejoined: _SYNC},
-    ),
-    _P.SYNCING: _row(_P.SYNCING, {PeerSnapshotReceived: _NEXT, NeighbourLost: _NEXT, Tick: _NEXT}),
-    _P.FINISHED: _row(_P.FINISHED, {}),
-    _P.ERROR: {},
-}
-"""state -> {legal event type -> states it may lead to}; a missing entry is illegal."""
-
-
 class GossipPeer(DeadlineFirst):
     """A synchronous Metropolis-Hastings gossip peer (see the module docstring).
 
@@ -186,6 +126,11 @@ class GossipPeer(DeadlineFirst):
         run: this run's id; models of other runs are rejected.
         weights: the initial model (all peers should start from the same one).
         neighbours: each graph neighbour's id and graph degree.
+        defense: validators and a robust rule for the neighbours' models
+            (`fedbus.protocols.gossip_defense`); None mixes every valid model
+            with Metropolis-Hastings weights.
+        start_round: rounds already completed (a resumed run: ``weights`` is
+            the model after that round, and the peer goes on with the next).
     """
 
     def __init__(
@@ -196,6 +141,8 @@ class GossipPeer(DeadlineFirst):
         run: RunId,
         weights: Arrays,
         neighbours: Mapping[NodeId, int],
+        defense: PeerDefense | None = None,
+        start_round: int = 0,
     ) -> None:
         if config.mixing != "metropolis":
             raise ValueError("GossipPeer mixes with metropolis; use PushSumPeer for push_sum")
@@ -210,8 +157,8 @@ class GossipPeer(DeadlineFirst):
         self._allowed: frozenset[PeerState] = frozenset()
         self._now = -math.inf
         self._deadline: float | None = None
-        self._round = 0
-        self._completed = 0
+        self._round = start_round
+        self._completed = start_round
         self._joined: set[NodeId] = set()
         self._active: set[NodeId] = set(neighbours)
         self._gone: set[NodeId] = set()  # lost (will or Leave) and not back: not sent to
@@ -222,8 +169,8 @@ class GossipPeer(DeadlineFirst):
         self._trained: dict[str, Any] = {}
         self._metrics: ScalarMap = {}
         self._rejected: Counter[str] = Counter()
-        self._snapshots: dict[NodeId, PeerSnapshotReceived] = {}
-        self._expected: set[NodeId] = set()
+        self._sync: RejoinSync | None = None
+        self._defense = defense if defense is not None and defense.active else None
 
     # --- the Machine surface ----------------------------------------------
 
@@ -269,6 +216,9 @@ class GossipPeer(DeadlineFirst):
         self._allowed = allowed
         match event:
             case Started():
+                if self._completed >= self.config.total_rounds:  # resumed after its last round
+                    self._set_state(PeerState.FINISHED)
+                    return [self._finish("(resumed)")]
                 self._set_state(PeerState.WAITING_FOR_NEIGHBOURS)
                 self._deadline = self._now + self.config.join_timeout_s
                 return self._maybe_begin()
@@ -276,7 +226,7 @@ class GossipPeer(DeadlineFirst):
                 if self._deadline is None or self._now < self._deadline:
                     return []
                 if self._state is PeerState.WAITING_FOR_NEIGHBOURS:
-                    return self._start_round(1)
+                    return self._start_round(self._completed + 1)
                 if self._state is PeerState.SYNCING:
                     return self._close_sync()
                 return self._close_round()
@@ -303,7 +253,7 @@ class GossipPeer(DeadlineFirst):
 
     def _maybe_begin(self) -> list[Command]:
         if self._state is PeerState.WAITING_FOR_NEIGHBOURS and self._joined >= set(self._degrees):
-            return self._start_round(1)
+            return self._start_round(self._completed + 1)
         return []
 
     def _on_joined(self, event: NeighbourJoined) -> list[Command]:
@@ -314,13 +264,30 @@ class GossipPeer(DeadlineFirst):
         self._active.add(node)
         self._gone.discard(node)
         self._missed[node] = 0
+        if self._sync is not None:
+            if event.wants_model:  # back from an absence too: it sends us no snapshot...
+                self._sync.excuse(node)
+                self._sync.owed.add(node)  # ...but may wait for ours: sent once we are synced
+            return self._close_sync() if self._sync.complete else []
         out: list[Command] = []
-        if event.wants_model and self._completed >= 1 and self._state is not PeerState.SYNCING:
-            out.append(
-                SendModel(round=self._completed, weights=self._weights, to=(node,),
-                          degree=len(self._degrees), sync=True)
-            )  # fmt: skip
+        if event.wants_model and self._state in (
+            PeerState.TRAINING, PeerState.COLLECTING, PeerState.FINISHED,
+        ):  # fmt: skip
+            # Also before round 1 is done (the initial model, round 0): a
+            # returning peer waits for every snapshot it expects.
+            out.append(self._snapshot((node,)))
+        if self._state is PeerState.COLLECTING and self._trained:
+            # Our model of this round went out before it was back: without it
+            # the neighbour, resuming at an earlier round, would wait for it
+            # until its deadline instead of seeing that we moved on.
+            out.append(SendModel(round=self._round, weights=self._trained, to=(node,),
+                                 degree=len(self._degrees)))  # fmt: skip
         return out + self._maybe_begin()
+
+    def _snapshot(self, to: tuple[NodeId, ...]) -> SendModel:
+        """Our current model, the one after our last completed round, for a rejoin sync."""
+        return SendModel(round=self._completed, weights=self._weights, to=to,
+                         degree=len(self._degrees), sync=True)  # fmt: skip
 
     # --- rejoin sync -------------------------------------------------------------
 
@@ -335,53 +302,51 @@ class GossipPeer(DeadlineFirst):
             self._missed[node] = 0
         self._inbox.clear()  # models from before the absence are not mixed
         self._trained = {}
-        self._snapshots.clear()
-        self._expected = answered
+        self._sync = RejoinSync(expected=answered)
         self._deadline = self._now + self.config.round_timeout_s
         return self._close_sync() if not answered else []
 
     def _on_snapshot(self, event: PeerSnapshotReceived) -> list[Command]:
         if (
-            self._state is not PeerState.SYNCING
+            self._sync is None
             or event.run != self.run
             or event.sender not in self._degrees
             or weights_problem(self._weights, event.weights)
         ):
             return []  # unsolicited or unusable: a snapshot is only ever a hint
-        self._snapshots[event.sender] = event
+        self._sync.add(event)
         self._active.add(event.sender)
         self._gone.discard(event.sender)
-        if self._expected <= set(self._snapshots):
-            return self._close_sync()
-        return []
+        return self._close_sync() if self._sync.complete else []
 
     def _close_sync(self) -> list[Command]:
-        snapshots = dict(sorted(self._snapshots.items()))
-        self._snapshots.clear()
-        self._expected = set()
+        sync, self._sync = self._sync, None
         self._deadline = None
         newest = max((m.round for m in self._ahead.values()), default=0)
-        if not snapshots:  # nobody answered: go on from our own model
-            return self._start_round(min(max(self._round, newest), self.config.total_rounds))
-        share = 1.0 / len(snapshots)
-        coefficients = {str(k): share for k in snapshots}
-        models: dict[str, Arrays] = {str(k): m.weights for k, m in snapshots.items()}
-        self._weights = mix(models, coefficients, like=self._weights)
-        done = max(m.round for m in snapshots.values())
+        adopted = None if sync is None else sync.adopt(self._weights, self._defense)
+        if adopted is not None:
+            self._weights, _, done = adopted
+            self._completed = max(self._completed, done)  # in step with them: snapshots say so
+        owed = () if sync is None else tuple(sorted(sync.owed - self._gone))
+        out: list[Command] = [self._snapshot(owed)] if owed else []
+        if adopted is None:  # nobody answered: go on from our own model
+            start = min(max(self._round, newest), self.config.total_rounds)
+            return out + self._start_round(start)
+        assert sync is not None
+        coefficients = adopted[1]
+        senders = tuple(sorted(sync.snapshots))
         if done >= self.config.total_rounds:  # the neighbours finished: so do we, in step
             self._completed = done
             self._set_state(PeerState.FINISHED)
             mixed = RoundMixed(
-                round=done, weights=self._weights, mixed_with=tuple(sorted(snapshots)),
+                round=done, weights=self._weights, mixed_with=senders,
                 missing=(), coefficients=coefficients, mass=1.0, metrics={"synced": 1},
                 rejected=dict(sorted(self._rejected.items())),
             )  # fmt: skip
             self._rejected.clear()
-            finish = Finish(success=True, reason=f"completed {done} round(s) (synced)",
-                            completed_round=done)  # fmt: skip
-            return [mixed, finish]
+            return [*out, mixed, self._finish("(synced)")]
         start = max(self._round, done + 1, newest)
-        return self._start_round(min(start, self.config.total_rounds))
+        return out + self._start_round(min(start, self.config.total_rounds))
 
     def _on_lost(self, event: NeighbourLost) -> list[Command]:
         if self._state is PeerState.FINISHED:
@@ -389,13 +354,17 @@ class GossipPeer(DeadlineFirst):
         self._gone.add(event.node)
         if event.reason == "finished":
             self._ended.add(event.node)
-        if event.node not in self._active:
+        out: list[Command] = []
+        if event.node in self._active:
+            self._active.discard(event.node)
+            out.append(NeighbourDropped(node=event.node, round=self._round,
+                                        reason=event.reason or "left"))  # fmt: skip
+        if self._sync is not None:  # no snapshot will come from it
+            self._sync.excuse(event.node)
+            return out + (self._close_sync() if self._sync.complete else [])
+        if not out:
             return []
-        self._active.discard(event.node)
-        dropped = NeighbourDropped(
-            node=event.node, round=self._round, reason=event.reason or "left"
-        )
-        return [dropped, *self._progress()]
+        return out + self._progress()
 
     def _on_model(self, event: PeerModelReceived) -> list[Command]:
         reason, detail = self._classify(event)
@@ -516,18 +485,15 @@ class GossipPeer(DeadlineFirst):
                         node=node, round=self._round, reason="missed the round deadline"
                     )
                 )
-        own = len(self._degrees)
-        row: dict[str, float] = dict(
-            metropolis_row(own, {j: self._degrees[j] for j in self._inbox})
-        )
-        row[self.node] = 1.0 - sum(row.values())
         models: dict[str, Arrays] = {sender: m.weights for sender, m in self._inbox.items()}
-        models[self.node] = self._trained
-        self._weights = mix(models, row, like=self._weights)
+        if self._defense is not None:
+            out += self._screen(models)
+        weights, row = self._mix(models)
+        self._weights = weights
         out.append(
             RoundMixed(
-                round=self._round, weights=self._weights, mixed_with=tuple(sorted(self._inbox)),
-                missing=missing, coefficients=dict(sorted(row.items())), mass=1.0,
+                round=self._round, weights=self._weights, mixed_with=tuple(sorted(map(NodeId, models))),
+                missing=missing, coefficients=row, mass=1.0,
                 metrics=self._metrics, rejected=dict(sorted(self._rejected.items())),
             )
         )  # fmt: skip
@@ -537,7 +503,44 @@ class GossipPeer(DeadlineFirst):
         if self._completed >= self.config.total_rounds:
             self._set_state(PeerState.FINISHED)
             self._deadline = None
-            return [*out, Finish(success=True, reason=f"completed {self._completed} round(s)",
-                                 completed_round=self._completed)]  # fmt: skip
+            return [*out, self._finish()]
         newest = max((m.round for m in self._ahead.values()), default=0)
         return out + self._start_round(min(max(self._round + 1, newest), self.config.total_rounds))
+
+    def _finish(self, how: str = "") -> Finish:
+        reason = f"completed {self._completed} round(s)" + (f" {how}" if how else "")
+        return Finish(success=True, reason=reason, completed_round=self._completed)
+
+    def _screen(self, models: dict[str, Arrays]) -> list[Command]:
+        """Drop the neighbour models the validators reject (a `Reject` each)."""
+        assert self._defense is not None
+        verdicts = self._defense.screen(self._trained, models, round=self._round)
+        out: list[Command] = []
+        for sender, reason in sorted(verdicts.items()):
+            del models[sender]
+            self._rejected[reason] += 1
+            out.append(Reject(sender=NodeId(sender), round=self._round, reason=reason))
+        return out
+
+    def _mix(self, models: Mapping[str, Arrays]) -> tuple[dict[str, Any], dict[str, float]]:
+        """The new model and its coefficients: the robust rule, else Metropolis-Hastings.
+
+        Clipped gossip clips the neighbours' models, then mixes them as usual;
+        under another robust rule the mix is not linear, so no coefficients
+        are reported (`fedbus.protocols.gossip_defense`).
+        """
+        defense = self._defense
+        if defense is not None and defense.clips:
+            models = {**defense.clip(self._trained, models)}
+        elif defense is not None and defense.aggregator is not None:
+            every = {**models, self.node: self._trained}
+            combined = defense.combine(every, like=self._trained, round=self._round)
+            if combined is not None:
+                return combined, {}
+        own = len(self._degrees)
+        row: dict[str, float] = dict(
+            metropolis_row(own, {NodeId(j): self._degrees[NodeId(j)] for j in models})
+        )
+        row[self.node] = 1.0 - sum(row.values())
+        every = {**models, self.node: self._trained}
+        return mix(every, row, like=self._weights), dict(sorted(row.items()))

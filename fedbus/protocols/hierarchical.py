@@ -23,8 +23,7 @@ States (`EdgeState`)::
     any --(our own misuse)--> ERROR (terminal)
 
 Translation of inner commands. Upward client: ``Train`` starts a task;
-``Evaluate`` is answered at once with ``EvaluationDone(num_examples=0)``
-(edges do not run federated evaluation; see below); ``CancelTraining`` aborts
+``Evaluate`` is federated evaluation (see below); ``CancelTraining`` aborts
 the task; ``Stop`` ends the edge and tells the children (a "finished"
 manifest); ``SendUpdate``, ``SendFailure``, `SwitchParent` and `Stranded` go
 out as they are. Inner server: ``BroadcastModel`` goes out with this edge's
@@ -35,7 +34,8 @@ read "finished" would stop for good); ``Reject``, ``RoundClosed`` and
 
 Round numbering. Children see one monotone local round sequence: task ``t``
 runs local rounds ``base + 1 .. base + edge_rounds`` and ``base`` grows by
-``edge_rounds`` after every task, finished or aborted, so no child's client
+``edge_rounds`` after every task, finished or aborted (an evaluation task
+uses one local round), so no child's client
 ever sees a round number go backwards, even across re-homing of this edge.
 Every local model carries ``TOP_ROUND_KEY`` (the cloud round served) for the
 children's accounting gates.
@@ -47,11 +47,28 @@ local round of the task of each one's latest accepted count: a child in all
 the last local round's sample-weighted training metrics plus ``edge_rounds``
 (local rounds closed) and ``edge_participants``. If the task ends with only
 some local rounds closed (a later one missed its quorum), the partial model
-goes up; with none closed the edge sends ``SendFailure``.
+goes up; with none closed the edge sends ``SendFailure``. Every task, finished
+or aborted, ends with a `TaskEnded` report (per-level metrics: local rounds,
+participants, rejections by reason, evaluation) that also carries what a
+resumed run restarts this edge from (``local_base``, aggregator state; the
+constructor's ``local_base`` takes it back).
 
-Not supported (documented limits): federated evaluation across levels (the
-cloud's federated metrics then count no edge examples), and FedAvgServer
-checkpoints at the edge (an edge restarted mid-run simply re-joins).
+Defenses. ``validators`` screen every local round's updates (the inner
+server runs them before aggregating; rejections become ``Reject`` commands
+and ``TaskEnded.rejected``), and ``aggregator`` may be a robust one: the same
+objects as at the cloud, so an edge is an aggregation point like any other.
+
+Federated evaluation. A parent model that asks for an evaluation before
+training (``EVALUATE_KEY``) is answered at once with an empty
+``EvaluationDone`` to the upward client; the task's first local round then
+asks the children to evaluate the model it broadcasts (the parent's model)
+before training, and the sample-weighted mean of their reports replaces the
+``eval_*`` metrics of the upward update, so the parent's mean is
+sample-weighted over the devices below. A parent model that asks for the
+evaluation only (``TASK_EVALUATE``, the end of the run) starts an
+evaluation task: a fresh inner server with no rounds left runs its final
+federated evaluation over every live child, and its mean goes up as the
+``EvaluationDone``. Any depth works the same way.
 
 Invariants (hypothesis tests): local rounds never go backwards; at most one
 task is open; the upward round answered is the one the task was started for;
@@ -61,9 +78,8 @@ no child's examples are counted twice in one upward update.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Aggregator, FedAvg, Validator
@@ -71,13 +87,16 @@ from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_server import FedAvgServer
 from fedbus.protocols.fedavg_types import (
+    EVALUATE_KEY,
+    TASK_EVALUATE,
+    TASK_KEY,
     BroadcastModel,
     CancelTraining,
     Evaluate,
+    EvaluationClosed,
     EvaluationDone,
     FedAvgConfig,
     Finish,
-    ManifestReceived,
     ModelReceived,
     NodeJoined,
     NodeLeft,
@@ -85,73 +104,28 @@ from fedbus.protocols.fedavg_types import (
     Reject,
     RejectReason,
     RoundClosed,
+    RoundFailed,
     SenderMismatched,
+    SendUpdate,
     Started,
     Stop,
     Tick,
     Train,
-    TrainingDone,
-    TrainingFailed,
     UpdateFailed,
     UpdateReceived,
 )
 from fedbus.protocols.hierarchical_client import Upstream
-from fedbus.protocols.hierarchical_rehoming import TOP_ROUND_KEY, ParentHeard, ParentLost, Rehoming
-
-__all__ = ["EDGE_TRANSITIONS", "EdgeAggregator", "EdgeState"]
-
-
-class EdgeState(enum.Enum):
-    """Where an edge aggregator stands; see the module docstring."""
-
-    IDLE = "idle"
-    WAITING_FOR_PARENT = "waiting"
-    AGGREGATING = "aggregating"
-    DONE = "done"
-    ERROR = "error"
-
-
-_E = EdgeState
-_CHILD: tuple[type[Event], ...] = (
-    NodeJoined,
-    NodeLeft,
-    UpdateReceived,
-    UpdateFailed,
-    SenderMismatched,
+from fedbus.protocols.hierarchical_rehoming import TOP_ROUND_KEY, Rehoming
+from fedbus.protocols.hierarchical_types import (
+    EDGE_TRANSITIONS,
+    EdgeState,
+    EdgeTask,
+    TaskEnded,
+    top_round_of,
+    with_evaluation,
 )
-_PARENT: tuple[type[Event], ...] = (ModelReceived, ManifestReceived, ParentLost, ParentHeard)
-_LIVE = frozenset({_E.WAITING_FOR_PARENT, _E.AGGREGATING, _E.DONE})
-EDGE_TRANSITIONS: dict[EdgeState, dict[type[Event], frozenset[EdgeState]]] = {
-    _E.IDLE: {
-        **{k: frozenset({_E.IDLE}) for k in (*_CHILD, Tick)},
-        Started: frozenset({_E.WAITING_FOR_PARENT}),
-    },
-    _E.WAITING_FOR_PARENT: {
-        **{k: frozenset({_E.WAITING_FOR_PARENT}) for k in _CHILD},
-        **{k: _LIVE for k in (*_PARENT, Tick)},
-    },
-    _E.AGGREGATING: {k: _LIVE for k in (*_CHILD, *_PARENT, Tick)},
-    _E.DONE: {k: frozenset({_E.DONE}) for k in (*_CHILD, *_PARENT, Tick)},
-    _E.ERROR: {},
-}
-"""state -> {legal event type -> states it may lead to}; a missing entry is illegal.
 
-Parent events are illegal before Started (the runtime starts the edge once
-subscribed); Started is legal only once.
-"""
-
-
-@dataclasses.dataclass(slots=True)
-class _Task:
-    """The open task: which parent round, and what the children contributed to it."""
-
-    round: int
-    top_round: int
-    server: FedAvgServer
-    counted: dict[NodeId, int] = dataclasses.field(default_factory=dict)
-    pending: dict[tuple[int, NodeId], int] = dataclasses.field(default_factory=dict)
-    closed: int = 0
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+__all__ = ["EDGE_TRANSITIONS", "EdgeAggregator", "EdgeState", "TaskEnded"]
 
 
 class EdgeAggregator:
@@ -166,6 +140,7 @@ class EdgeAggregator:
         aggregator: this level's aggregator; sample-weighted FedAvg by default.
         validators: screen each local round's updates.
         rehoming: this edge's own re-homing policy, when its parent may die.
+        local_base: local rounds already used (a resumed run: `TaskEnded.local_base`).
     """
 
     def __init__(
@@ -178,9 +153,12 @@ class EdgeAggregator:
         aggregator: Aggregator | None = None,
         validators: Sequence[Validator] = (),
         rehoming: Rehoming | None = None,
+        local_base: int = 0,
     ) -> None:
         if edge_rounds < 1:
             raise ValueError(f"edge_rounds must be positive, got {edge_rounds}")
+        if local_base < 0:
+            raise ValueError(f"local_base must be >= 0, got {local_base}")
         self.config = dataclasses.replace(config, evaluate="central")
         self.node = node
         self.run = run
@@ -192,8 +170,10 @@ class EdgeAggregator:
         self._allowed: frozenset[EdgeState] = frozenset()
         self._now = -math.inf
         self._live: dict[NodeId, int] = {}
-        self._base = 0
-        self._task: _Task | None = None
+        self._base = local_base
+        self._task: EdgeTask | None = None
+        self._last_model: tuple[int, Mapping[str, object]] = (0, {})
+        self._evaluate_round: int | None = None
 
     # --- the Machine surface ----------------------------------------------
 
@@ -292,6 +272,8 @@ class EdgeAggregator:
     def _up(self, event: Event) -> list[Command]:
         if self._state is EdgeState.DONE:
             return []  # the run is over: late models, manifests and watchdogs change nothing
+        if isinstance(event, ModelReceived) and event.selected:
+            self._last_model = (event.round, event.config)
         return self._from_upstream(self.upstream.feed(event, now=self._now))
 
     def _from_upstream(self, commands: list[Command]) -> list[Command]:
@@ -301,8 +283,7 @@ class EdgeAggregator:
                 case Train():
                     out += self._begin_task(command)
                 case Evaluate():
-                    done = EvaluationDone(round=command.round, num_examples=0)
-                    out += self._from_upstream(self.upstream.feed(done, now=self._now))
+                    out += self._on_evaluate(command)
                 case CancelTraining():
                     out += self._abort_task()
                 case Stop():
@@ -313,10 +294,18 @@ class EdgeAggregator:
                     out.append(command)
         return out
 
+    def _on_evaluate(self, evaluate: Evaluate) -> list[Command]:
+        asked_round, config = self._last_model
+        if asked_round == evaluate.round and config.get(TASK_KEY) == TASK_EVALUATE:
+            return self._begin_evaluation(evaluate, top_round_of(config, evaluate.round))
+        # Evaluate, then train: the children evaluate in the task's first local round.
+        self._evaluate_round = evaluate.round
+        done = EvaluationDone(round=evaluate.round, num_examples=0)
+        return self._from_upstream(self.upstream.feed(done, now=self._now))
+
     def _begin_task(self, train: Train) -> list[Command]:
         out = self._abort_task()  # never two tasks at once (the client cancels first anyway)
-        top = train.config.get(TOP_ROUND_KEY, train.round)
-        top_round = top if isinstance(top, int) and not isinstance(top, bool) else train.round
+        top_round = top_round_of(train.config, train.round)
         config = dataclasses.replace(
             self.config,
             rounds=self._base + self.edge_rounds,
@@ -327,19 +316,43 @@ class EdgeAggregator:
             validators=self._validators, expected_nodes=len(self._live) or None,
             completed_round=self._base,
         )  # fmt: skip
-        self._task = _Task(round=train.round, top_round=top_round, server=server)
+        evaluate, self._evaluate_round = self._evaluate_round == train.round, None
+        task = EdgeTask(
+            round=train.round, top_round=top_round, server=server, first_local=self._base + 1,
+            last_local=self._base + self.edge_rounds, evaluate=evaluate,
+        )  # fmt: skip
+        return out + self._start(task)
+
+    def _begin_evaluation(self, evaluate: Evaluate, top_round: int) -> list[Command]:
+        out = self._abort_task()
+        done = max(self._base, 1)  # a FedAvgServer needs rounds >= 1
+        config = dataclasses.replace(self.config, rounds=done, evaluate="federated")
+        server = FedAvgServer(
+            config, run=self.run, weights=evaluate.weights, aggregator=self.aggregator,
+            completed_round=done,
+        )  # fmt: skip
+        task = EdgeTask(
+            round=evaluate.round, top_round=top_round, server=server, first_local=done + 1,
+            last_local=done + 1, kind="evaluate",
+        )  # fmt: skip
+        return out + self._start(task)
+
+    def _start(self, task: EdgeTask) -> list[Command]:
+        self._task = task
         self._set_state(EdgeState.AGGREGATING)
+        out: list[Command] = []
         for child, examples in sorted(self._live.items()):
             out += self._down(NodeJoined(node=child, num_examples=examples))
         return out + self._down(Started())
 
     def _abort_task(self) -> list[Command]:
-        if self._task is None:
+        task = self._task
+        if task is None:
             return []
         self._task = None
-        self._base += self.edge_rounds
+        self._base = task.last_local
         self._set_state(EdgeState.WAITING_FOR_PARENT)
-        return [self._manifest("waiting")]
+        return [self._report(task), self._manifest("waiting")]
 
     # --- downward --------------------------------------------------------------
 
@@ -356,42 +369,48 @@ class EdgeAggregator:
         for command in commands:
             match command:
                 case BroadcastModel():
-                    out.append(
-                        dataclasses.replace(command, request_id=f"{self.node}:{command.request_id}")
-                    )
+                    out.append(self._local_broadcast(task, command))
                 case PublishManifest():
                     state = "waiting" if command.state == "finished" else command.state
                     out.append(dataclasses.replace(command, state=state))
                 case RoundClosed():
-                    task.closed += 1
-                    task.metrics = dict(command.client_metrics)
-                    for child in command.participants:
-                        task.counted[child] = task.pending[(command.round, child)]
+                    task.on_closed(command)
                     out.append(command)
+                case RoundFailed():
+                    task.open_rejected = dict(command.rejected)
+                    out.append(command)
+                case EvaluationClosed():
+                    task.evaluation = dict(command.federated_metrics)
+                    task.counted = {NodeId(n): 0 for n in command.participants}
                 case Finish():
                     out += self._end_task(task, command)
                 case _:
                     out.append(command)
         return out
 
-    def _end_task(self, task: _Task, finish: Finish) -> list[Command]:
+    def _local_broadcast(self, task: EdgeTask, command: BroadcastModel) -> BroadcastModel:
+        """Our id in the request id; the top round served; an evaluation in round one if asked."""
+        config = {**command.config, TOP_ROUND_KEY: task.top_round}
+        if task.evaluate and command.round == task.first_local:
+            config[EVALUATE_KEY] = True
+        return dataclasses.replace(
+            command, request_id=f"{self.node}:{command.request_id}", config=config
+        )
+
+    def _end_task(self, task: EdgeTask, finish: Finish) -> list[Command]:
         self._task = None
-        self._base += self.edge_rounds
+        self._base = task.last_local
         self._set_state(EdgeState.WAITING_FOR_PARENT)
-        result: Event
-        if task.closed:
-            metrics = {
-                **task.metrics,
-                "edge_rounds": task.closed,
-                "edge_participants": len(task.counted),
-            }
-            result = TrainingDone(
-                round=task.round, weights=task.server.weights,
-                num_examples=sum(task.counted.values()), metrics=metrics,
-            )  # fmt: skip
-        else:
-            result = TrainingFailed(round=task.round, reason=f"edge {self.node}: {finish.reason}")
-        return self._from_upstream(self.upstream.feed(result, now=self._now))
+        out: list[Command] = [self._report(task)]
+        result = task.result(f"edge {self.node}: {finish.reason}")
+        for command in self._from_upstream(self.upstream.feed(result, now=self._now)):
+            if isinstance(command, SendUpdate) and command.round == task.round and task.evaluation:
+                command = dataclasses.replace(command, metrics=with_evaluation(command, task))
+            out.append(command)
+        return out
+
+    def _report(self, task: EdgeTask) -> TaskEnded:
+        return task.report(local_base=self._base, aggregator_state=self.aggregator.state_dict())
 
     def _manifest(self, state: str) -> PublishManifest:
         return PublishManifest(

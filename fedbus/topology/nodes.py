@@ -20,8 +20,15 @@ from fedbus.topics import validate_id
 from fedbus.topology.graphs import Adjacency, GraphConfig, build_graph, components
 from fedbus.topology.model import AggregatorSpec, BrokerSpec
 from fedbus.topology.problems import Checked, join_path
+from fedbus.topology.robustness import ValidatorSpec
 
-__all__ = ["EdgeConfig", "NodesConfig", "client_ids"]
+__all__ = ["SCAFFOLD_REFUSAL", "EdgeConfig", "NodesConfig", "client_ids"]
+
+SCAFFOLD_REFUSAL = (
+    "scaffold is not supported under protocol kind 'hierarchical' yet: its control "
+    "variates do not cross edge aggregators (use it with 'centralized')"
+)
+"""Why SCAFFOLD is refused at every level of a hierarchy (issue 5; a documented limit)."""
 
 
 def client_ids(count: int, owner: str | None = None) -> tuple[str, ...]:
@@ -50,6 +57,8 @@ class EdgeConfig(Checked):
         min_clients: this level's quorum among its children (devices and
             edges); None inherits the parent's, capped at the child count.
         aggregator: this level's aggregator; None inherits the parent's.
+        validators: this level's update checks; None inherits the parent's
+            (``[]`` runs none here).
     """
 
     id: str
@@ -59,9 +68,15 @@ class EdgeConfig(Checked):
     round_timeout_s: float | None = None
     min_clients: int | None = None
     aggregator: AggregatorSpec | None = None
+    validators: tuple[ValidatorSpec, ...] | None = None
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         yield from _id_problem("id", self.id)
+        if self.aggregator is not None and self.aggregator.kind == "scaffold":
+            yield "aggregator", SCAFFOLD_REFUSAL
+        gates = [i for i, v in enumerate(self.validators or ()) if v.kind == "validation_accuracy"]
+        if len(gates) > 1:
+            yield f"validators[{gates[1]}]", "validation_accuracy may be given once"
         for i, client in enumerate(self.clients):
             yield from _id_problem(f"clients[{i}]", client)
         if not self.clients and not self.edges:

@@ -14,6 +14,7 @@ from fedbus.topology.robustness import ValidatorSpec
 
 __all__ = [
     "EVALUATE_MODES",
+    "GOSSIP_AGGREGATORS",
     "MIXINGS",
     "MODES",
     "PROTOCOL_KINDS",
@@ -26,6 +27,11 @@ EVALUATE_MODES: Final = ("central", "federated")
 REHOME_MODES: Final = ("parent", "sibling")
 MIXINGS: Final = ("metropolis", "push_sum")
 MODES: Final = ("sync", "async")
+GOSSIP_AGGREGATORS: Final = (
+    "fedavg", "median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "bulyan",
+    "norm_clipping",
+)  # fmt: skip
+"""Rules a gossip peer may mix with (stateless functions of the models it holds)."""
 _ASYNC_DEFAULTS: Final = (
     ("buffer_size", None),
     ("max_staleness", 10),
@@ -181,6 +187,10 @@ class ProtocolConfig(Checked):
                 self.kind != "gossip" or self.mixing != "metropolis"
             ):
                 yield name, "applies only to protocol kind 'gossip' with mixing 'metropolis'"
+        if self.kind == "hierarchical" and self.aggregator.kind == "scaffold":
+            from fedbus.topology.nodes import SCAFFOLD_REFUSAL
+
+            yield "aggregator", SCAFFOLD_REFUSAL
         if self.kind == "hierarchical" and self.clients_per_round is not None:
             yield "clients_per_round", "not used by 'hierarchical': each edge selects a fraction"
         if self.kind == "gossip":
@@ -189,6 +199,29 @@ class ProtocolConfig(Checked):
                     yield name, "not used by 'gossip': every peer trains every round"
             if self.min_clients != 1:
                 yield "min_clients", "not used by 'gossip'"
+            yield from self._peer_defense_problems()
+
+    def _peer_defense_problems(self) -> Iterator[tuple[str, str]]:
+        """A gossip peer's robust rule and validators (`fedbus.protocols.gossip_defense`)."""
+        robust = self.aggregator != AggregatorSpec()
+        if self.mixing != "metropolis":
+            if robust:
+                yield "aggregator", "a peer's robust rule applies only to mixing 'metropolis'"
+            if self.validators:
+                yield (
+                    "validators",
+                    "apply only to mixing 'metropolis' (push-sum shares are not models)",
+                )
+            return
+        kind = self.aggregator.kind
+        if robust and kind is not None and kind not in GOSSIP_AGGREGATORS:
+            yield (
+                "aggregator",
+                (
+                    f"a gossip peer combines models with one of {', '.join(GOSSIP_AGGREGATORS)}; "
+                    f"{kind!r} keeps server state or needs more than the models"
+                ),
+            )
 
     def selected_per_round(self, available: int) -> int:
         """How many of ``available`` clients a round selects.

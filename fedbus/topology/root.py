@@ -28,7 +28,7 @@ from fedbus.topology.model import (
 from fedbus.topology.nodes import EdgeConfig, NodesConfig
 from fedbus.topology.problems import Checked
 from fedbus.topology.protocol import ProtocolConfig
-from fedbus.topology.robustness import AttackSpec, assign_attackers
+from fedbus.topology.robustness import AttackSpec, ValidatorSpec, assign_attackers
 
 __all__ = ["NodeInfo", "NodeRole", "Topology", "apply_overrides"]
 
@@ -60,6 +60,7 @@ class NodeInfo:
         round_timeout_s: its level's deadline (aggregators and peers).
         min_clients: its level's quorum among its children (aggregators).
         aggregator: its level's aggregator (aggregators and peers).
+        validators: its level's update checks (the server and edges of a hierarchy).
     """
 
     id: str
@@ -74,6 +75,7 @@ class NodeInfo:
     round_timeout_s: float | None = None
     min_clients: int | None = None
     aggregator: AggregatorSpec | None = None
+    validators: tuple[ValidatorSpec, ...] = ()
 
     @property
     def holds_data(self) -> bool:
@@ -256,6 +258,7 @@ class Topology(Checked):
                     round_timeout_s=protocol.round_timeout_s,
                     min_clients=min(protocol.min_clients, max(len(children), 1)),
                     aggregator=protocol.aggregator,
+                    validators=protocol.validators,
                 )
             )
             for client in nodes.clients:
@@ -312,6 +315,7 @@ class Topology(Checked):
             round_timeout_s=edge.round_timeout_s or parent.round_timeout_s,
             min_clients=edge.min_clients or min(inherited, max(len(children), 1)),
             aggregator=edge.aggregator or parent.aggregator,
+            validators=parent.validators if edge.validators is None else edge.validators,
         )
         out.append(info)
         for client in edge.clients:

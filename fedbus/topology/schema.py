@@ -14,6 +14,7 @@ depend on other keys are resolved here, so the config objects stay plain:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -287,6 +288,9 @@ def _check_aggregators(
             top_n = protocol.selected_per_round(len(nodes.clients))
         elif protocol.kind == "hierarchical" and nodes.edges:
             top_n = len(nodes.edges)
+        elif protocol.kind == "gossip" and nodes.peers and nodes.graph is not None:
+            with contextlib.suppress(ValueError):  # a bad graph is reported on its own
+                top_n = 1 + min((len(v) for v in nodes.adjacency().values()), default=0)
     specs.append(("protocol.aggregator", protocol.aggregator, top_n))
     if isinstance(nodes, NodesConfig):
         for i, top in enumerate(nodes.edges):

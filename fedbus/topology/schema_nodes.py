@@ -6,13 +6,16 @@ from fedbus.topology.graphs import GraphConfig
 from fedbus.topology.model import ChurnFault, CrashFault, DropoutFault, Fault, StragglerFault
 from fedbus.topology.nodes import EdgeConfig, NodesConfig
 from fedbus.topology.reader import Context, Section, type_name
+from fedbus.topology.robustness import read_validators
 from fedbus.topology.schema_common import read_aggregator, read_broker
 from fedbus.topology.yamlpos import Located
 
 __all__ = ["read_faults", "read_nodes"]
 
 _NODES_KEYS = ("server", "clients", "edges", "peers", "graph", "allow_disconnected", "external")
-_EDGE_KEYS = ("id", "clients", "edges", "broker", "round_timeout_s", "min_clients", "aggregator")
+_EDGE_KEYS = (
+    "id", "clients", "edges", "broker", "round_timeout_s", "min_clients", "aggregator", "validators",
+)  # fmt: skip
 _GRAPH_KEYS = ("kind", "rows", "degree", "p", "k", "edges")
 _FAULT_KEYS = {
     "crash": ("kind", "nodes", "at_round"),
@@ -129,6 +132,11 @@ def _read_edge(ctx: Context, node: Located, path: str) -> EdgeConfig:
         round_timeout_s=sec.opt_number("round_timeout_s"),
         min_clients=sec.opt_integer("min_clients"),
         aggregator=read_aggregator(ctx, sec.node("aggregator"), sec.at("aggregator")),
+        validators=(
+            read_validators(ctx, sec.node("validators"), sec.at("validators"))
+            if sec.has("validators")
+            else None
+        ),
     )
 
 

@@ -163,9 +163,9 @@ def test_run_refuses_attacks_the_runtime_would_ignore(
 ) -> None:
     path = tmp_path / "g.yaml"
     path.write_text(
-        "name: g\nbroker: memory\ndata: {}\nprotocol: {kind: gossip, rounds: 2}\n"
+        "name: g\nbroker: memory\ndata: {}\nprotocol: {kind: gossip, rounds: 2, mixing: push_sum}\n"
         "nodes: {peers: 4, graph: {kind: ring}}\nattacks: [{kind: sign_flip, fraction: 0.25}]\n"
     )
     assert main(["validate", str(path)]) == 0
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "run under 'centralized' only so far" in capsys.readouterr().err
+    assert "with mixing 'metropolis' only" in capsys.readouterr().err
