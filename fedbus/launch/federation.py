@@ -103,7 +103,7 @@ async def open_bus(topology: Topology) -> AsyncIterator[Bus]:
     if spec.kind == "url":
         config = spec.config
         assert config is not None  # BrokerSpec guarantees it for kind url
-        yield Bus(_mqtt(config), "url", config.url)
+        yield Bus(mqtt_connect(config, lean=spec.lean), "url", config.url)
         return
     broker = ManagedBroker()
     async with broker:
@@ -115,17 +115,20 @@ async def open_bus(topology: Topology) -> AsyncIterator[Bus]:
         # the CPU and 3.1.1 made a round about 30 % faster. Sizes are still
         # bounded: both ends get max_payload_bytes from the same spec.
         config = broker.client_config(max_payload_bytes=spec.max_payload_bytes, protocol="3.1.1")
-        yield Bus(_mqtt(config, lean=True), "embedded", broker.url, broker=broker)
+        yield Bus(mqtt_connect(config, lean=spec.lean), "embedded", broker.url, broker=broker)
 
 
-def _mqtt(config: BrokerConfig, *, lean: bool = False) -> Callable[[str, Will | None], Transport]:
+def mqtt_connect(
+    config: BrokerConfig, *, lean: bool = False
+) -> Callable[[str, Will | None], Transport]:
     """Transports to an MQTT broker: `LeanMqttTransport` (``lean``) or `MqttTransport`.
 
-    The embedded broker gets the lean client: fedbus started it, it speaks
-    MQTT 3.1.1, and with 1,000 simulated clients in this process paho and
-    aiomqtt cost about 80 us of CPU per packet against about 12
-    (docs/transport.md). A broker given by URL keeps `MqttTransport` (MQTT 5
-    with a 3.1.1 fallback, the client users deploy with).
+    ``broker.client`` chooses (`BrokerSpec.lean`); by default the embedded
+    broker gets the lean client: fedbus started it, it speaks MQTT 3.1.1, and
+    with 1,000 simulated clients in this process paho and aiomqtt cost about
+    80 us of CPU per packet against about 12 (docs/transport.md). A broker
+    given by URL keeps `MqttTransport` (MQTT 5 with a 3.1.1 fallback, the
+    client deployments use) unless ``client: lean``.
     """
 
     def connect(node: str, will: Will | None) -> Transport:

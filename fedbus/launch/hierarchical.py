@@ -54,7 +54,7 @@ from fedbus.launch.build import (
     new_run_id,
     server_trainer,
 )
-from fedbus.launch.federation import Bus, open_bus
+from fedbus.launch.federation import Bus, mqtt_connect, open_bus
 from fedbus.launch.hierarchical_defenses import LevelDefenses, level_defenses
 from fedbus.launch.hierarchical_plan import Plan, cloud_config
 from fedbus.launch.hierarchical_results import HierarchicalResults, LevelMonitor
@@ -80,7 +80,6 @@ from fedbus.protocols.hierarchical import EdgeAggregator
 from fedbus.protocols.hierarchical_rehoming import RehomeConfig, Rehoming
 from fedbus.topology import BrokerSpec, NodeRole, Topology
 from fedbus.transport.base import Transport, Will
-from fedbus.transport.mqtt import MqttTransport
 
 __all__ = [
     "HierarchicalResult",
@@ -140,14 +139,16 @@ async def child_buses(plan: Plan, bus: Bus) -> AsyncIterator[dict[str, Connect]]
 
 @contextlib.asynccontextmanager
 async def _broker_connect(spec: BrokerSpec) -> AsyncIterator[Connect]:
+    """Connections to an edge group's own broker (``client`` as for the top broker)."""
     if spec.config is not None:
-        config = spec.config
-        yield lambda node, will: MqttTransport(config, node, will=will)
+        yield mqtt_connect(spec.config, lean=spec.lean)
         return
     broker = ManagedBroker()
     async with broker:
-        managed: BrokerConfig = broker.client_config(max_payload_bytes=spec.max_payload_bytes)
-        yield lambda node, will: MqttTransport(managed, node, will=will)
+        managed: BrokerConfig = broker.client_config(
+            max_payload_bytes=spec.max_payload_bytes, protocol="3.1.1"
+        )
+        yield mqtt_connect(managed, lean=spec.lean)
 
 
 def make_edge(

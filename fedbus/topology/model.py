@@ -84,14 +84,27 @@ class BrokerSpec(Checked):
         config: the connection settings when ``kind`` is ``url``.
         max_payload_bytes: largest PUBLISH; bigger messages are chunked.
             For ``url`` it equals ``config.max_payload_bytes``.
+        client: the MQTT client nodes started by ``fedbus run`` use: ``lean``
+            (`fedbus.transport.lean.LeanMqttTransport`, MQTT 3.1.1), ``paho``
+            (`fedbus.transport.mqtt.MqttTransport`, MQTT 5 with a 3.1.1
+            fallback) or ``auto``: lean to the embedded broker, paho to a URL.
     """
 
     kind: Literal["embedded", "memory", "url"] = "embedded"
     config: BrokerConfig | None = None
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    client: Literal["auto", "lean", "paho"] = "auto"
+
+    @property
+    def lean(self) -> bool:
+        """Whether MQTT nodes connect with `LeanMqttTransport` (see ``client``)."""
+        return self.client == "lean" or (self.client == "auto" and self.kind == "embedded")
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         yield from _choice("", self.kind, ("embedded", "memory", "url"))
+        yield from _choice("client", self.client, ("auto", "lean", "paho"))
+        if self.client == "lean" and self.config is not None and self.config.protocol == "5":
+            yield "client", "the lean client speaks MQTT 3.1.1 only"
         if (self.kind == "url") != (self.config is not None):
             yield "url", "a broker URL goes with kind 'url' and only with it"
         if self.config is not None and self.config.max_payload_bytes != self.max_payload_bytes:

@@ -372,11 +372,12 @@ def apply_overrides(
 
 
 def _replace_broker(current: BrokerSpec, url: str) -> BrokerSpec:
-    size = current.max_payload_bytes
+    size, client = current.max_payload_bytes, current.client
     if url in ("embedded", "memory"):
-        return BrokerSpec(kind=url, max_payload_bytes=size)  # type: ignore[arg-type]
+        return BrokerSpec(kind=url, max_payload_bytes=size, client=client)  # type: ignore[arg-type]
     if current.config is None:
-        return BrokerSpec.from_url(url, max_payload_bytes=size)
+        spec = BrokerSpec.from_url(url, max_payload_bytes=size)
+        return dataclasses.replace(spec, client=client)
     keep = {
         f.name: getattr(current.config, f.name)
         for f in dataclasses.fields(current.config)
@@ -384,4 +385,4 @@ def _replace_broker(current: BrokerSpec, url: str) -> BrokerSpec:
     }
     if "@" in url.partition("://")[2]:
         keep.pop("username")  # the URL names its own user
-    return BrokerSpec.from_url(url, **keep)
+    return dataclasses.replace(BrokerSpec.from_url(url, **keep), client=client)

@@ -18,7 +18,9 @@ _BROKER_KEYS = (
     "cert_file",
     "key_file",
     "max_payload_bytes",
+    "client",
 )
+_URL_ONLY_KEYS = _BROKER_KEYS[1:-2]
 
 
 def read_broker(ctx: Context, node: Located | None, path: str, *, top_level: bool) -> BrokerSpec:
@@ -39,28 +41,32 @@ def read_broker(ctx: Context, node: Located | None, path: str, *, top_level: boo
         if section
         else DEFAULT_MAX_PAYLOAD_BYTES
     )
+    client = section.text("client", "auto") if section else "auto"
     url_path = f"{path}.url" if section is not None else path
     if url in ("embedded", "memory"):
         if section is not None:
-            for key in _BROKER_KEYS[1:-1]:
+            for key in _URL_ONLY_KEYS:
                 if section.has(key):
                     ctx.add(section.at(key), f"applies only to a broker URL, not {url!r}")
         if url == "memory" and not top_level:
             ctx.add(url_path, "an edge broker is a URL or 'embedded'")
             return BrokerSpec()
-        return ctx.build(path, BrokerSpec, kind=url, max_payload_bytes=size)
+        return ctx.build(path, BrokerSpec, kind=url, max_payload_bytes=size, client=client)
     extras: dict[str, object] = {"max_payload_bytes": size}
     if section is not None:
-        for key in _BROKER_KEYS[1:-1]:
+        for key in _URL_ONLY_KEYS:
             value = section.text(key, None)
             if value is not None:
                 extras[key] = value
     try:
-        return BrokerSpec.from_url(url, **extras)
+        spec = BrokerSpec.from_url(url, **extras)
     except ConfigError as exc:  # BrokerConfig names its field: broker.url, broker.cert_file
         field_name = (exc.path or "broker.url").rpartition(".")[2]
         ctx.add(url_path if field_name == "url" else f"{path}.{field_name}", exc.message)
         return BrokerSpec()
+    return ctx.build(
+        path, BrokerSpec, kind="url", config=spec.config, max_payload_bytes=size, client=client
+    )
 
 
 def read_aggregator(ctx: Context, node: Located | None, path: str) -> AggregatorSpec | None:

@@ -64,10 +64,12 @@ def test_fedbus_run_gossip_example(tmp_path: Path) -> None:
     assert "consensus" in log.read_text()
 
 
+@pytest.mark.parametrize("client", ["paho", "lean"])
 async def test_edge_group_on_its_own_broker_rehomes_across_brokers(
-    mosquitto: ManagedBroker, edge_broker: ManagedBroker
+    mosquitto: ManagedBroker, edge_broker: ManagedBroker, client: str
 ) -> None:
-    # Prepare: edge-b's devices live on a second broker; edge-b dies at round 3.
+    # Prepare: edge-b's devices live on a second broker, reached through the
+    # paho or the lean client (the cloud's URL broker: paho); edge-b dies at round 3.
     topology = loads_topology(f"""
 name: hier-two-brokers
 broker: {mosquitto.url}
@@ -79,7 +81,7 @@ nodes:
   server: {{id: cloud}}
   edges:
     - {{id: edge-a, clients: 2}}
-    - {{id: edge-b, clients: 2, broker: "{edge_broker.url}"}}
+    - {{id: edge-b, clients: 2, broker: {{url: "{edge_broker.url}", client: {client}}}}}
 faults: [{{kind: crash, nodes: [edge-b], at_round: 3}}]
 """)
     # Execute

@@ -375,3 +375,29 @@ def test_missing_file() -> None:
     with pytest.raises(TopologyError) as info:
         load_topology("/nonexistent/x.yaml")
     assert "cannot read" in info.value.problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("broker", "lean"),
+    [
+        ("embedded", True),  # auto: the broker fedbus starts gets the lean client
+        ("memory", False),
+        ("mqtt://h", False),  # auto: a URL broker gets paho (MQTT 5)
+        ({"url": "mqtt://h", "client": "lean"}, True),
+        ({"url": "embedded", "client": "paho"}, False),
+        ({"url": "embedded", "client": "auto"}, True),
+    ],
+)
+def test_broker_client_choice(broker: object, lean: bool) -> None:
+    assert loads_topology(with_("broker", broker)).broker.lean is lean
+
+
+def test_broker_client_errors_and_overrides() -> None:
+    assert problems(with_("broker", {"url": "mqtt://h", "client": "hbmqtt"})) == [
+        ("broker.client", "must be one of auto, lean, paho; got 'hbmqtt'")
+    ]
+    t = loads_topology(with_("broker", {"url": "embedded", "client": "paho"}))
+    for url in ("memory", "mqtt://b:1884"):
+        assert apply_overrides(t, broker_url=url).broker.client == "paho"
+    u = loads_topology(with_("broker", {"url": "mqtt://a", "client": "lean"}))
+    assert apply_overrides(u, broker_url="mqtt://b").broker.lean
