@@ -1,7 +1,9 @@
-"""Transports: one async interface over MQTT (aiomqtt) and an in-process bus.
+"""Transports: one async interface over MQTT and an in-process bus.
 
-`MqttTransport` and `MemoryTransport` implement `Transport`; `Messenger`
-carries fedbus messages over either (chunking, flow control, validation).
+`MqttTransport` (aiomqtt; MQTT 5 or 3.1.1), `LeanMqttTransport` (fedbus's own
+sans-IO MQTT 3.1.1 client, `fedbus.mqtt`; far less CPU per packet) and
+`MemoryTransport` implement `Transport`; `Messenger` carries fedbus messages
+over any of them (chunking, flow control, validation).
 They are imported from their modules (``fedbus.transport.mqtt`` loads
 aiomqtt), so importing this package stays cheap.
 """
