@@ -10,15 +10,10 @@ acknowledges one, or the node is selected in a model or manifest.
 
 Training and evaluation run in a worker thread (``asyncio.to_thread``) in a
 task of their own, so messages keep flowing meanwhile; the result comes back
-to the machine as an event through the driver. For fedbus's own numpy
-trainer (exactly `NumpyTrainer`, whose work is pure CPU and never waits on
-anything), work known to be tiny (under ``INLINE_WORK_S`` of CPU, see
-`ClientNode._timed`) runs on the event loop instead: a thread hop costs more than such a fit (at 1,000 simulated clients
-of 20 samples each, threads made the round about 15 % slower, and their GIL
-hand-offs stall the loop), and blocking the loop for a fraction of a
-millisecond delays nothing. Work of unknown cost, and any other trainer's
-work (user code may block, e.g. on something only the event loop would
-deliver), goes to a thread.
+to the machine as an event through the driver. Work known to be tiny (fedbus's
+own numpy trainer on a small partition, `fedbus.nodes.client_work`) runs on
+the event loop instead, inside the driver when nothing (an attack, a
+straggler delay) needs to wait.
 
 Connections. Each connection carries a last will, an encoded Leave on the
 node's ``leave`` channel, which the broker publishes if the connection dies
@@ -37,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -47,25 +42,23 @@ from fedbus._types import RunId
 from fedbus.aggregation.scaffold import CONTROL, client_control_update, correction
 from fedbus.learning.seeds import fit_seed
 from fedbus.learning.trainer import FitConfig, FitResult, Trainer
-from fedbus.learning.trainers import NumpyTrainer
 from fedbus.messages import (
-    ALL_SELECTED,
     Ack,
     Join,
     Leave,
     Manifest,
     ModelBroadcast,
     ModelUpdate,
-    Tensor,
     UpdateFailure,
     extra_tensors,
     extras_from_arrays,
     tensors_from_arrays,
-    tensors_to_arrays,
 )
+from fedbus.nodes.client_work import WorkTimer
 from fedbus.nodes.driver import Driver
 from fedbus.nodes.faults import FaultPlan
 from fedbus.nodes.server import LEAVE_CHANNEL, MANIFEST_CHANNEL, MODEL_CHANNEL
+from fedbus.nodes.shared_views import is_selected, scalars, shared_arrays
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg import (
     CancelTraining,
@@ -91,18 +84,6 @@ __all__ = ["ClientNode", "ClientOutcome", "ClientSettings", "Connect", "LocalAtt
 
 log = logging.getLogger(__name__)
 
-INLINE_WORK_S: Final = 0.002
-"""Local work that last took less than this runs on the event loop (module docstring)."""
-
-_PROBE_WAIT_S: Final = 0.05
-"""How long a node waits for another node's first measured work before using a thread."""
-
-_PROBES: dict[tuple[type, str], tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
-"""(trainer class, kind) -> (its loop, an event set once the first such work was measured)."""
-
-_COST_PER_EXAMPLE: dict[tuple[type, str], float] = {}
-"""(trainer class, "fit"/"evaluate") -> CPU seconds per local example last measured here."""
-
 Connect = Callable[[Will], Transport]
 """Builds a fresh (not yet entered) connection for this node carrying ``will``."""
 
@@ -117,9 +98,6 @@ class LocalAttack(Protocol):
     ) -> FitResult | None:
         """The result to send for ``round_num`` instead of honest training; None: train honestly."""
         ...
-
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,7 +189,7 @@ class ClientNode:
         self._work: asyncio.Task[None] | None = None
         self._messenger: Messenger | None = None
         self._driver = Driver(self.machine, self._execute, clock=clock)
-        self._work_s: dict[str, float] = {}  # kind of work -> how long it last took
+        self._work_timer = WorkTimer(trainer, self._num_examples)
         self._control: dict[str, Any] | None = None
         """SCAFFOLD's client control variate c_i: kept across rounds and churn, reset per run."""
 
@@ -330,7 +308,7 @@ class ClientNode:
         if self._joined_run != msg.run and msg.state != "finished":
             self._joined_run = msg.run
             self._start_joining(RunId(msg.run), messenger)
-        if _is_selected(self.id, msg.selected, explicit=True):
+        if is_selected(self.id, msg.selected, explicit=True):
             self._confirmed.set()
         self._check_faults(msg.round)
         return ManifestReceived(run=RunId(msg.run), round=msg.round, state=msg.state)
@@ -338,12 +316,12 @@ class ClientNode:
     def _on_model(self, msg: ModelBroadcast) -> Event | None:
         if msg.run != self.machine.run:
             return None
-        selected = _is_selected(self.id, msg.selected)
+        selected = is_selected(self.id, msg.selected)
         self._selected = msg.selected
-        if _is_selected(self.id, msg.selected, explicit=True):
+        if is_selected(self.id, msg.selected, explicit=True):
             self._confirmed.set()
         self._check_faults(msg.round)
-        weights = _shared_arrays(msg.weights)
+        weights = shared_arrays(msg.weights)
         if self.tflite is not None and msg.round != self._served_round:
             # On the loop: a patch, a fresh interpreter and one batched invoke, well
             # under a millisecond for the built-in models; never in a worker thread,
@@ -427,7 +405,7 @@ class ClientNode:
                     run=run, round=command.round, sender=self.id,
                     weights=tensors_from_arrays(command.weights), num_examples=command.num_examples,
                     encoding=command.encoding, reply_to=command.reply_to,
-                    metrics=_scalars(command.metrics), extras=extras_from_arrays(command.extras),
+                    metrics=scalars(command.metrics), extras=extras_from_arrays(command.extras),
                 )  # fmt: skip
                 await messenger.send(server, update)
             case SendFailure():
@@ -462,11 +440,13 @@ class ClientNode:
                 if forged is not None:
                     result = forged
                 else:
-                    result = await self._timed("fit", self.trainer.fit, command.weights, fit)
+                    result = await self._work_timer.run(
+                        "fit", self.trainer.fit, command.weights, fit
+                    )
                 extras = {}
                 if server_control is not None and forged is None:
                     extras = {CONTROL: self._scaffold(command.weights, server_control, result, fit)}
-                metrics = _scalars(result.metrics)
+                metrics = scalars(result.metrics)
                 served = self.tflite
                 # Only for the model this round trained from (a newer one may have come).
                 if served and served.accuracy is not None and self._served_round == round_num:
@@ -477,10 +457,10 @@ class ClientNode:
                     extras=extras,
                 )  # fmt: skip
             else:
-                ev = await self._timed("evaluate", self.trainer.evaluate, command.weights)
+                ev = await self._work_timer.run("evaluate", self.trainer.evaluate, command.weights)
                 metrics = {"accuracy": ev.accuracy, "loss": ev.loss, **ev.metrics}
                 event = EvaluationDone(
-                    round=round_num, num_examples=ev.num_examples, metrics=_scalars(metrics)
+                    round=round_num, num_examples=ev.num_examples, metrics=scalars(metrics)
                 )
         except Exception as exc:  # the user's trainer failed: that is data for the server
             log.warning("%s: local work for round %d failed: %r", self.id, round_num, exc)
@@ -514,84 +494,20 @@ class ClientNode:
         )  # fmt: skip
         return delta
 
-    def _estimate(self, kind: str) -> float | None:
-        """Expected CPU seconds of this node's next work of ``kind`` (None: unknown)."""
-        estimate = self._work_s.get(kind)
-        if estimate is None:
-            per_example = _COST_PER_EXAMPLE.get((type(self.trainer), kind))
-            if per_example is not None and self._num_examples:
-                estimate = per_example * self._num_examples
-        return estimate
-
     def _inline(self, command: Train | Evaluate) -> bool:
         """Whether ``command``'s work runs to its end inside the driver, without a task.
 
-        Only work that `_timed` runs on the loop anyway (tiny `NumpyTrainer`
-        work), with no simulated attack or straggler delay (both await): the
-        driver then handles the result next, with no task to create and wake.
-        Nothing can overtake it (the driver takes no event meanwhile), so there
-        is nothing to cancel.
+        Only work that `WorkTimer.run` runs on the loop anyway (tiny
+        `NumpyTrainer` work), with no simulated attack or straggler delay (both
+        await): the driver then handles the result next, with no task to create
+        and wake. Nothing can overtake it (the driver takes no event
+        meanwhile), so there is nothing to cancel.
         """
-        if type(self.trainer) is not NumpyTrainer or self._attack is not None:
+        if self._attack is not None:
             return False
         if self._faults is not None and self._faults.delay_s(command.round):
             return False
-        kind = "fit" if isinstance(command, Train) else "evaluate"
-        estimate = self._estimate(kind)
-        return estimate is not None and estimate < INLINE_WORK_S
-
-    async def _timed(self, kind: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(*args)`` in a worker thread, or inline when it is known to be tiny.
-
-        Only `NumpyTrainer` work is ever inlined (module docstring): pure CPU,
-        it never waits on anything. Tiny: this node's previous work of this
-        ``kind`` used under ``INLINE_WORK_S`` of CPU; before its first one, the
-        per-example cost measured in this process, times this node's examples.
-        CPU time, not wall time: a fit in a thread waits for the GIL while the
-        loop runs 1,000 other clients, and that wait says nothing of its cost.
-
-        The first work of a kind in the process runs in a thread and is
-        measured; nodes that need an estimate meanwhile wait for it (up to
-        ``_PROBE_WAIT_S``), so 1,000 clients starting together do not all
-        take the thread path in round 1.
-        """
-        if type(self.trainer) is not NumpyTrainer:
-            return await asyncio.to_thread(fn, *args)
-        key = (type(self.trainer), kind)
-        estimate = self._estimate(kind)
-        probe: asyncio.Event | None = None
-        if estimate is None:
-            loop = asyncio.get_running_loop()
-            entry = _PROBES.get(key)
-            waiting = entry[1] if entry is not None and entry[0] is loop else None
-            if waiting is None:
-                probe = asyncio.Event()
-                _PROBES[key] = (loop, probe)
-            elif not waiting.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_PROBE_WAIT_S):
-                        await waiting.wait()
-                estimate = self._estimate(kind)
-
-        def call(cpu_clock: Callable[[], float]) -> _T:
-            cpu = cpu_clock()
-            try:
-                return fn(*args)
-            finally:
-                used = cpu_clock() - cpu
-                self._work_s[kind] = used
-                if self._num_examples:
-                    _COST_PER_EXAMPLE[key] = used / self._num_examples
-
-        if estimate is not None and estimate < INLINE_WORK_S:
-            # On the loop, wall time is the CPU time (nothing else runs meanwhile),
-            # and perf_counter is several times cheaper than thread_time.
-            return call(time.perf_counter)
-        try:
-            return await asyncio.to_thread(call, time.thread_time)
-        finally:
-            if probe is not None:
-                probe.set()
+        return self._work_timer.tiny("fit" if isinstance(command, Train) else "evaluate")
 
     def _spawn(self, coro: Any, what: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=f"fedbus[{self.id}].{what}")
@@ -610,65 +526,6 @@ class ClientNode:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._work = None
-
-
-_selected_sets: dict[int, tuple[list[str], frozenset[str]]] = {}
-"""id(list) -> (the list, its set), for the last few shared ``selected`` lists."""
-
-
-def _is_selected(node_id: str, selected: list[str], *, explicit: bool = False) -> bool:
-    """``node_id in selected``, in O(1) for the lists every client of this process shares.
-
-    ``["*"]`` selects every node (`fedbus.messages.ALL_SELECTED`) unless
-    ``explicit``: only being named confirms a join.
-
-    Why: broadcasts are decoded once per process (`fedbus.inbound.SharedDecodes`),
-    so the 1,000 clients of a simulation receive the very same ``selected``
-    lists (the model's and the manifest's); scanning them 1,000 times a round
-    was quadratic. The set is built once per list object; the cache keeps a
-    reference to the list, so its ``id`` cannot be reused while cached.
-    """
-    if len(selected) < 32:
-        return node_id in selected or (not explicit and ALL_SELECTED in selected)
-    entry = _selected_sets.get(id(selected))
-    if entry is None or entry[0] is not selected:
-        if len(_selected_sets) >= 4:
-            _selected_sets.pop(next(iter(_selected_sets)))
-        entry = (selected, frozenset(selected))
-        _selected_sets[id(selected)] = entry
-    return node_id in entry[1] or (not explicit and ALL_SELECTED in entry[1])
-
-
-_array_views: dict[int, tuple[Mapping[str, Tensor], dict[str, npt.NDArray[Any]]]] = {}
-"""id(tensor map) -> (the map, its numpy views), for the last few shared broadcasts."""
-
-
-def _shared_arrays(tensors: Mapping[str, Tensor]) -> dict[str, npt.NDArray[Any]]:
-    """`tensors_to_arrays` once per shared broadcast; each caller gets its own dict.
-
-    Why: like ``selected`` (`_is_selected`), a broadcast decoded once per
-    process reaches all its simulated clients as the same object; 1,000
-    clients made the same read-only views of it. The views are read-only
-    (the payload is immutable), so sharing them is safe; the dict is copied.
-    """
-    entry = _array_views.get(id(tensors))
-    if entry is None or entry[0] is not tensors:
-        if len(_array_views) >= 4:
-            _array_views.pop(next(iter(_array_views)))
-        entry = (tensors, tensors_to_arrays(tensors))
-        _array_views[id(tensors)] = entry
-    return dict(entry[1])
-
-
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-    """Keep what the wire's metrics map can carry (scalars; numpy numbers as Python ones)."""
-    out: dict[str, bool | int | float | str] = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool | int | float | str):
-            out[str(key)] = value
-        elif hasattr(value, "item"):
-            out[str(key)] = value.item()
-    return out
 
 
 async def _abort(transport: Transport) -> None:

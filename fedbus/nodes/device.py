@@ -55,12 +55,13 @@ from fedbus.messages import (
     tensors_from_arrays,
     tensors_to_arrays,
 )
-from fedbus.nodes.client import ClientOutcome, LocalAttack, _scalars
+from fedbus.nodes.client import ClientOutcome, LocalAttack
 from fedbus.nodes.device_support import ConnectTo, DeferredMachine, DeviceSettings, device_work
 from fedbus.nodes.driver import Driver
 from fedbus.nodes.faults import FaultPlan
 from fedbus.nodes.namespaces import NamespaceView, SharedConnection
 from fedbus.nodes.server import LEAVE_CHANNEL, MANIFEST_CHANNEL, MODEL_CHANNEL
+from fedbus.nodes.shared_views import scalars
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg import (
     CancelTraining,
@@ -351,7 +352,7 @@ class DeviceNode:
                     run=run, round=command.round, sender=self.id,
                     weights=tensors_from_arrays(command.weights), num_examples=command.num_examples,
                     encoding=command.encoding, reply_to=command.reply_to,
-                    metrics=_scalars(command.metrics),
+                    metrics=scalars(command.metrics),
                 )  # fmt: skip
                 await messenger.send(self.parent, update)
             case SendFailure():

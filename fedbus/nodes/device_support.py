@@ -22,7 +22,8 @@ from typing import Protocol
 from fedbus.learning.seeds import fit_seed
 from fedbus.learning.trainer import FitConfig, Trainer
 from fedbus.messages import ALL_SELECTED
-from fedbus.nodes.client import LocalAttack, _scalars
+from fedbus.nodes.client import LocalAttack
+from fedbus.nodes.shared_views import scalars
 from fedbus.nodes.training import run_local_work
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg import Evaluate, Train, TrainingDone, TrainingFailed
@@ -102,7 +103,7 @@ async def device_work(
     post(
         TrainingDone(
             round=command.round, weights=dict(forged.weights), num_examples=forged.num_examples,
-            metrics=_scalars(forged.metrics), encoding="delta" if forged.is_delta else "dense",
+            metrics=scalars(forged.metrics), encoding="delta" if forged.is_delta else "dense",
         )
     )  # fmt: skip
 

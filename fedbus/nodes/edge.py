@@ -69,7 +69,6 @@ from fedbus.messages import (
     tensors_from_arrays,
     tensors_to_arrays,
 )
-from fedbus.nodes.client import _scalars
 from fedbus.nodes.driver import Driver
 from fedbus.nodes.edge_support import (
     EdgeObserver,
@@ -81,6 +80,7 @@ from fedbus.nodes.edge_support import (
 from fedbus.nodes.faults import FaultPlan
 from fedbus.nodes.namespaces import NamespaceView
 from fedbus.nodes.server import LEAVE_CHANNEL, MANIFEST_CHANNEL, MODEL_CHANNEL
+from fedbus.nodes.shared_views import scalars
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg import (
     BroadcastModel,
@@ -403,7 +403,7 @@ class EdgeNode:
                     run=self.run_id, round=command.round, sender=self.id,
                     weights=tensors_from_arrays(command.weights),
                     num_examples=command.num_examples, encoding=command.encoding,
-                    reply_to=command.reply_to, metrics=_scalars(command.metrics),
+                    reply_to=command.reply_to, metrics=scalars(command.metrics),
                 )  # fmt: skip
                 if up is not None:  # None: stranded after a failed re-homing
                     await up.send(self.parent, update)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from fedbus.learning.seeds import fit_seed
 from fedbus.learning.trainer import FitConfig, Trainer
-from fedbus.nodes.client import _scalars
+from fedbus.nodes.shared_views import scalars
 from fedbus.protocols.base import Event
 from fedbus.protocols.fedavg import Evaluate, EvaluationDone, Train, TrainingDone, TrainingFailed
 
@@ -43,13 +43,13 @@ async def run_local_work(
             result = await asyncio.to_thread(trainer.fit, command.weights, fit)
             event: Event = TrainingDone(
                 round=round_num, weights=dict(result.weights), num_examples=result.num_examples,
-                metrics=_scalars(result.metrics), encoding="delta" if result.is_delta else "dense",
+                metrics=scalars(result.metrics), encoding="delta" if result.is_delta else "dense",
             )  # fmt: skip
         else:
             ev = await asyncio.to_thread(trainer.evaluate, command.weights)
             metrics = {"accuracy": ev.accuracy, "loss": ev.loss, **ev.metrics}
             event = EvaluationDone(
-                round=round_num, num_examples=ev.num_examples, metrics=_scalars(metrics)
+                round=round_num, num_examples=ev.num_examples, metrics=scalars(metrics)
             )
     except Exception as exc:  # the user's trainer failed: that is data for the machine
         log.warning("%s: local work for round %d failed: %r", node_id, round_num, exc)

@@ -21,7 +21,7 @@ from fedbus.messages import (
     is_selected,
 )
 from fedbus.nodes import ClientNode, ServerObserver
-from fedbus.nodes.client import _is_selected
+from fedbus.nodes.shared_views import is_selected as node_is_selected
 from fedbus.transport.base import Transport, Will
 from fedbus.transport.messenger import Messenger
 from tests.nodes.conftest import topology
@@ -45,10 +45,10 @@ def test_receivers_read_the_star(many: bool) -> None:
     assert confirms_join("n1", names)
     assert not is_selected("z", names)
     star = [*names, "*"]  # a star anywhere selects every node
-    assert _is_selected("z", star)
-    assert not _is_selected("z", star, explicit=True)
-    assert _is_selected("n1", star, explicit=True)
-    assert not _is_selected("z", names)
+    assert node_is_selected("z", star)
+    assert not node_is_selected("z", star, explicit=True)
+    assert node_is_selected("n1", star, explicit=True)
+    assert not node_is_selected("z", names)
 
 
 class _Rows(ServerObserver):
