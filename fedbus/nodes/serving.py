@@ -115,12 +115,14 @@ def tflite_serving(
     still train and take part in the run; it only cannot serve inference.
 
     Raises:
-        ConfigError: ``spec`` is a factory model (no export route yet).
+        ConfigError: ``spec`` is a factory model (served per round only for the
+            built-in families; factory models export with ``fedbus export``).
     """
     if isinstance(spec, Mapping) and "factory" in spec:
         raise ConfigError(
-            "TFLite serving needs a built-in model (logreg, mlp, cnn); factory models need the "
-            "litert-torch route, which is not supported yet",
+            "per-round TFLite serving needs a built-in model (logreg, mlp, cnn); a factory "
+            "model exports with `fedbus export MODEL --topology FILE` and the litert extra "
+            "(docs/tflite.md)",
             path="model.factory",
         )
     from fedbus.learning.tflite import TfliteUnavailable, interpreter_class
