@@ -22,9 +22,10 @@ Subcommands::
   FedAvg 0.80-0.90 per seed, and FedProx (mu=1) above FedAvg in the mean.
 * ``overhead``: 1,000 clients, Synthetic(0,0) with 20 samples each, logistic
   regression, all clients per round, E=1, B=10, lr 0.01. Runs interleave
-  (reference, mosquitto with the lean client, mosquitto with the paho client,
-  memory) ``--runs`` times; the target applies to the lean client, which
-  `fedbus run` uses with its embedded broker (``broker.client``). Per-round wall time: the
+  (reference, mosquitto with the lean client, the paho client, the lean client
+  with the clients in two worker processes (``--workers 2``), memory)
+  ``--runs`` times; the lean client is what `fedbus run` uses with its
+  embedded broker (``broker.client``). Per-round wall time: the
   median of ``wall_s`` over rounds 2.. of each run (round 1 pays the first,
   threaded fits), then the median over runs; the reference's is its median
   round (training + aggregation). Targets: mosquitto within 3x, memory
@@ -153,6 +154,7 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
     refs: list[float] = []
     mqtt: list[float] = []
     paho: list[float] = []
+    split: list[float] = []
     mem: list[float] = []
     counts: list[dict[str, int]] = []
     peaks: list[float] = []
@@ -179,6 +181,13 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
                 "overhead mosquitto (paho client)",
             )  # fmt: skip
             paho.append(_med(p.round_walls(skip_first=True)))
+            w = _check(
+                run_fedbus(OVERHEAD.format(name="bench-oh", broker=lean_broker, rounds=rounds,
+                                           clients=clients), work / f"oh-workers-{i}",
+                           args=("--workers", "2"), extra_pids=(broker.proc.pid,)),
+                "overhead mosquitto (lean client, 2 worker processes)",
+            )  # fmt: skip
+            split.append(_med(w.round_walls(skip_first=True)))
             m = _check(
                 run_fedbus(OVERHEAD.format(name="bench-oh", broker="memory", rounds=rounds,
                                            clients=clients), work / f"oh-mem-{i}"),
@@ -186,7 +195,7 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
             )  # fmt: skip
             mem.append(_med(m.round_walls(skip_first=True)))
             print(f"  run {i + 1}: reference {refs[-1]:.3f} s, mosquitto {mqtt[-1]:.3f} s "
-                  f"(paho client {paho[-1]:.3f} s) "
+                  f"(paho client {paho[-1]:.3f} s, lean with --workers 2 {split[-1]:.3f} s) "
                   f"(peak {r.peak_rss_mb:.0f} MB with the broker), memory {mem[-1]:.3f} s; "
                   f"broker messages {counts[-1]}", flush=True)  # fmt: skip
     finally:
@@ -202,6 +211,7 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
         "overhead memory startup",
     )  # fmt: skip
     r_ref, r_mqtt, r_paho, r_mem = _med(refs), _med(mqtt), _med(paho), _med(mem)
+    r_split = _med(split)
     print(
         f"\nper-round wall time, s (median of {args.runs}; rounds 2..{rounds} of each fedbus run):\n"
     )
@@ -212,6 +222,9 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
              f"{r_mqtt / r_ref:.2f}x", "<= 3x", _verdict(r_mqtt <= 3 * r_ref)],
             ["  same, paho client (MQTT 5)", f"{r_paho:.3f}", f"{r_ref:.3f}",
              f"{r_paho / r_ref:.2f}x", "", ""],
+            ["  same, lean client, clients in 2 worker processes (--workers 2)",
+             f"{r_split:.3f}", f"{r_ref:.3f}", f"{r_split / r_ref:.2f}x", "<= 3x",
+             _verdict(r_split <= 3 * r_ref)],
             ["broker: memory", f"{r_mem:.3f}", f"{r_ref:.3f}", f"{r_mem / r_ref:.2f}x",
              "<= 1.5x", _verdict(r_mem <= 1.5 * r_ref)],
         ],

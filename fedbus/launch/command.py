@@ -52,6 +52,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", metavar="DIR", help="continue the interrupted run whose results are in DIR"
     )
+    parser.add_argument(
+        "--workers", type=int, default=0, metavar="N",
+        help="host the simulated clients in N worker processes (centralized runs over an MQTT "
+        "broker; uses N more cores; docs/running.md)",
+    )  # fmt: skip
     add_tflite_arguments(parser)
 
 
@@ -180,6 +185,17 @@ def run_command(args: argparse.Namespace) -> int:
                 tflite_model_spec(topology)  # a factory model: refused before anything starts
             except ConfigError as exc:
                 raise UsageError(f"fedbus run: {exc}") from exc
+        if args.workers < 0:
+            raise UsageError(f"fedbus run: --workers must be >= 0, got {args.workers}")
+        if args.workers and (topology.protocol.kind != "centralized" or tflite.serve):
+            raise UsageError(
+                "fedbus run: --workers applies to centralized runs without --serve-tflite"
+            )
+        if args.workers and topology.broker.kind == "memory":
+            raise UsageError(
+                "fedbus run: --workers needs an MQTT broker (embedded or a URL); the in-process "
+                "bus cannot span processes"
+            )
         if topology.protocol.kind != "centralized":
             from fedbus.launch.kinds import run_kind_command
 
@@ -215,7 +231,7 @@ def run_command(args: argparse.Namespace) -> int:
         result = asyncio.run(
             run_federation(
                 topology, out=out, base_dir=Path(args.topology).parent, topology_text=text,
-                resume=resume, observer=progress, tflite=tflite,
+                resume=resume, observer=progress, tflite=tflite, workers=args.workers,
             )
         )  # fmt: skip
     except KeyboardInterrupt:

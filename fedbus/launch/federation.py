@@ -38,6 +38,7 @@ from fedbus.launch.build import (
 )
 from fedbus.launch.robustness import AttackPlan, server_defenses
 from fedbus.launch.tflite import TfliteOptions, client_serving, exporter
+from fedbus.launch.workers import WorkerPool, WorkerSpec, share
 from fedbus.learning.partition import FederationData
 from fedbus.learning.seeds import init_seed
 from fedbus.learning.trainer import Trainer
@@ -257,6 +258,7 @@ async def run_federation(
     trainer_hook: Callable[[str, Trainer], Trainer] | None = None,
     client_grace_s: float = CLIENT_GRACE_S,
     tflite: TfliteOptions | None = None,
+    workers: int = 0,
 ) -> FederationResult:
     """Run ``topology`` to its end in this process; see the module docstring.
 
@@ -270,19 +272,35 @@ async def run_federation(
         trainer_hook: replaces or wraps each started client's trainer (tests).
         client_grace_s: how long clients may take to see the end.
         tflite: export ``model.tflite`` each round, and/or serve TFLite on the clients.
+        workers: host the simulated clients in this many worker processes
+            (`fedbus.launch.workers`; an MQTT broker and ``topology_text`` needed);
+            0 runs them in this process.
 
     Raises:
-        ConfigError: the data, model or aggregator cannot be built.
+        ConfigError: the data, model or aggregator cannot be built, or
+            ``workers`` cannot be used with this run.
     """
+    if workers:
+        _check_workers(topology, workers, topology_text, trainer_hook, tflite)
     data = await asyncio.to_thread(build_data, topology, base_dir)
     if topology.broker.kind != "memory":
         raise_fd_limit(len(topology.nodes.clients) + 1)
     run_id = resume.run if resume is not None else new_run_id(topology.name)
     clients: dict[str, ClientNode] = {}
     attacks = AttackPlan(topology, data)
+    pool = WorkerPool()
     async with open_bus(topology) as bus:
+        hosted = [
+            info.id
+            for info in topology.node_infos()
+            if info.role is NodeRole.CLIENT and not info.external
+        ]
+        if workers:
+            assert topology_text is not None  # _check_workers
+            await pool.start(_worker_specs(topology, topology_text, base_dir, bus, hosted, workers))
+            hosted = []
         for info in topology.node_infos():
-            if info.role is not NodeRole.CLIENT or info.external:
+            if info.id not in hosted:
                 continue
             trainer = client_trainer(topology, data, info.id)
             attack = attacks.client_attack(info.id, trainer)  # simulated attackers only
@@ -306,22 +324,70 @@ async def run_federation(
             run_id=run_id, out=out, resume=resume, observer=observer,
             topology_text=topology_text, broker={"kind": bus.kind, "url": bus.url}, tflite=tflite,
         )  # fmt: skip
-        async with asyncio.TaskGroup() as tg:
-            tasks = {
-                cid: tg.create_task(node.run(), name=f"fedbus[{cid}].node")
-                for cid, node in clients.items()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = {
+                    cid: tg.create_task(node.run(), name=f"fedbus[{cid}].node")
+                    for cid, node in clients.items()
+                }
+                outcome = await tg.create_task(server.run(), name=f"fedbus[{server.id}].node")
+                waiting = [t for cid, t in tasks.items() if not clients[cid].away]
+                if waiting:
+                    await asyncio.wait(waiting, timeout=client_grace_s)
+                for task in tasks.values():
+                    task.cancel()
+            results = {
+                cid: t.result() if not t.cancelled() else ClientOutcome(cid, "failed", "stopped")
+                for cid, t in tasks.items()
             }
-            outcome = await tg.create_task(server.run(), name=f"fedbus[{server.id}].node")
-            waiting = [t for cid, t in tasks.items() if not clients[cid].away]
-            if waiting:
-                await asyncio.wait(waiting, timeout=client_grace_s)
-            for task in tasks.values():
-                task.cancel()
-        results = {
-            cid: t.result() if not t.cancelled() else ClientOutcome(cid, "failed", "stopped")
-            for cid, t in tasks.items()
-        }
+            for cid, (status, reason) in (await pool.finish(client_grace_s)).items():
+                results[cid] = ClientOutcome(cid, status, reason)  # type: ignore[arg-type]
+        finally:
+            await pool.stop()
+            pool.close()
     return FederationResult(run_id, outcome, results, dict(server.machine.weights), out)
+
+
+def _check_workers(
+    topology: Topology,
+    workers: int,
+    topology_text: str | None,
+    trainer_hook: Callable[[str, Trainer], Trainer] | None,
+    tflite: TfliteOptions | None,
+) -> None:
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers}", path="--workers")
+    if topology.broker.kind == "memory":
+        raise ConfigError(
+            "worker processes need an MQTT broker (the in-process bus cannot span processes)",
+            path="--workers",
+        )
+    if not topology_text or trainer_hook is not None or (tflite is not None and tflite.serve):
+        raise ConfigError(
+            "worker processes rebuild clients from the topology text alone "
+            "(no trainer hook, no --serve-tflite)",
+            path="--workers",
+        )
+
+
+def _worker_specs(
+    topology: Topology, text: str, base_dir: Path, bus: Bus, clients: list[str], workers: int
+) -> list[WorkerSpec]:
+    spec = topology.broker
+    return [
+        WorkerSpec(
+            topology_text=text,
+            base_dir=str(base_dir),
+            rounds=topology.protocol.rounds,
+            seed=topology.seed,
+            broker_url=bus.url,
+            lean=spec.lean,
+            max_payload_bytes=spec.max_payload_bytes,
+            clients=group,
+            outcomes="",
+        )
+        for group in share(clients, workers)
+    ]
 
 
 FDS_PER_CONNECTION: Final = 2
