@@ -100,11 +100,16 @@ class NormOutlier:
         deltas = delta_vectors(global_weights, ordered)
         norms = np.sqrt(np.sum(deltas * deltas, axis=1))
         self.last_norms = {u.sender: float(n) for u, n in zip(ordered, norms, strict=True)}
-        centre, scale = _spread(norms, self.robust, self.min_rel_scale)
+        finite = np.isfinite(norms)
+        if not finite.any():
+            return {u.sender: self.name for u in ordered}
+        # A NaN or infinite norm is rejected outright (any comparison with NaN
+        # is False, so it would pass), and kept out of the round's statistics.
+        centre, scale = _spread(norms[finite], self.robust, self.min_rel_scale)
         return {
             u.sender: self.name
-            for u, n in zip(ordered, norms, strict=True)
-            if abs(n - centre) > self.sigmas * scale
+            for u, n, ok in zip(ordered, norms, finite, strict=True)
+            if not ok or abs(n - centre) > self.sigmas * scale
         }
 
 
@@ -167,13 +172,25 @@ class CosineOutlier:
             return {}
         check_updates(ordered, self.name)
         deltas = delta_vectors(global_weights, ordered)
+        # An update with a NaN or infinite coordinate is rejected outright: its
+        # cosine is NaN, which passes any comparison, and it would poison the
+        # reference direction of every other update.
+        finite_rows = np.asarray(np.isfinite(deltas).all(axis=1), dtype=bool)
+        out: dict[str, str] = {
+            u.sender: self.name for u, ok in zip(ordered, finite_rows, strict=True) if not ok
+        }
+        if not finite_rows.all():
+            ordered = [u for u, ok in zip(ordered, finite_rows, strict=True) if ok]
+            deltas = deltas[finite_rows]
+            if len(ordered) < self.min_updates:
+                return out
         if self.reference == "mean":
             ref = np.sum(deltas, axis=0) / np.float64(len(deltas))
         elif self.reference == "median":
             ref = np.median(deltas, axis=0)
         else:
             if previous is None or previous[0] >= round or previous[1].shape != current.shape:
-                return {}
+                return out
             ref = current - previous[1]
         ref_norm = float(np.sqrt(np.sum(ref * ref)))
         norms = np.sqrt(np.sum(deltas * deltas, axis=1))
@@ -182,7 +199,6 @@ class CosineOutlier:
         self.last_cosines = {u.sender: float(c) for u, c in zip(ordered, cos, strict=True)}
         centre, scale = _spread(cos, self.robust, 0.0)
         scale = max(scale, self.min_scale)
-        out: dict[str, str] = {}
         for u, c in zip(ordered, cos, strict=True):
             if c < centre - self.sigmas * scale or (
                 self.min_cosine is not None and c < self.min_cosine

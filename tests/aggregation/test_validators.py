@@ -96,3 +96,18 @@ def test_chain_reports_the_first_reason_and_make_validators_names_the_index() ->
     with pytest.raises(ConfigError) as info:
         make_validators([{"kind": "bogus"}])
     assert info.value.path == "protocol.validators[0].kind"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("make", [NormOutlier, lambda: CosineOutlier(reference="median")])
+def test_outlier_checks_reject_non_finite_updates_and_keep_their_statistics(
+    bad: float, make: Any
+) -> None:
+    # A non-finite update would pass any comparison with NaN; it must not, and it must
+    # not blind the round's statistics either (the honest and the boosted stay judged).
+    g = {"w": np.zeros(3)}
+    ups = [*honest(16), up("nan", [bad, 1.0, 0.0]), up("boost", [-40.0, -40.0, 0.0])]
+    validator = make()
+    assert set(validator.validate(g, ups, round=1)) == {"nan", "boost"}
+    all_bad = [up("a", [bad, 0, 0]), up("b", [0, bad, 0]), up("c", [bad] * 3)]
+    assert set(make().validate(g, all_bad, round=1)) == {"a", "b", "c"}
