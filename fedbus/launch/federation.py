@@ -382,7 +382,6 @@ def _worker_specs(
             seed=topology.seed,
             broker_url=bus.url,
             lean=spec.lean,
-            max_payload_bytes=spec.max_payload_bytes,
             clients=group,
             outcomes="",
         )

@@ -18,11 +18,9 @@ trains it on its poisoned partition.
 from __future__ import annotations
 
 from fedbus.aggregation import make_aggregator
-from fedbus.launch.build import model_spec
 from fedbus.launch.robustness import AttackPlan, server_defenses
 from fedbus.learning.partition import FederationData
 from fedbus.learning.trainer import Trainer
-from fedbus.learning.trainers import make_trainer
 from fedbus.nodes.peer_wire import PeerAttack
 from fedbus.protocols.gossip_defense import PeerDefense
 from fedbus.topology import AggregatorSpec, Topology
@@ -61,10 +59,4 @@ def poisoned_trainer(topology: Topology, data: FederationData, node_id: str) -> 
     """A trainer on ``node_id``'s poisoned partition if it is a data attacker (None otherwise)."""
     if not topology.attacks:
         return None
-    bad = AttackPlan(topology, data).poisoned_data(node_id)
-    if bad is None:
-        return None
-    return make_trainer(
-        model_spec(topology), bad, None, num_features=data.num_features,
-        num_classes=data.num_classes, seed=topology.seed,
-    )  # fmt: skip
+    return AttackPlan(topology, data).poisoned_trainer(node_id)

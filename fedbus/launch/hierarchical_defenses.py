@@ -16,20 +16,18 @@ their attacks are active in the listed top-level (cloud) rounds.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from fedbus.aggregation import Validator, make_validators
-from fedbus.errors import ConfigError
-from fedbus.launch.build import model_spec
-from fedbus.launch.robustness import ServerDefenses, describe_attacks
+from fedbus.launch.robustness import (
+    ServerDefenses,
+    data_trainer,
+    describe_attacks,
+    split_validation,
+)
 from fedbus.learning.data import Dataset
 from fedbus.learning.partition import FederationData
-from fedbus.learning.seeds import derive_seed
-from fedbus.learning.trainers import make_trainer
 from fedbus.topology import NodeRole, Topology
 
 __all__ = ["LevelDefenses", "level_defenses"]
@@ -60,11 +58,7 @@ class LevelDefenses:
             entry = spec.as_dict()
             if spec.kind == _ACCURACY:
                 assert self.validation is not None  # cut whenever a level asks for it
-                entry["evaluate"] = make_trainer(
-                    model_spec(self.topology), None, self.validation,
-                    num_features=self.data.num_features, num_classes=self.data.num_classes,
-                    seed=self.topology.seed,
-                )  # fmt: skip
+                entry["evaluate"] = data_trainer(self.topology, self.data, test=self.validation)
             specs.append(entry)
         return make_validators(specs)
 
@@ -83,21 +77,7 @@ def level_defenses(topology: Topology, data: FederationData) -> LevelDefenses:
         info for info in topology.node_infos() if info.role in (NodeRole.SERVER, NodeRole.EDGE)
     ]
     fraction = max((v.fraction for info in levels for v in info.validators), default=0.0)
-    validation = None
-    if fraction > 0:
-        test = data.test
-        order = np.random.default_rng(derive_seed(topology.seed, "validation")).permutation(
-            len(test)
-        )
-        cut = round(fraction * len(test))
-        if not 0 < cut < len(test):
-            raise ConfigError(
-                f"validation_fraction {fraction} of the {len(test)} held-out examples leaves "
-                "an empty validation or test set",
-                path="protocol.validators",
-            )
-        validation = test.subset(np.sort(order[:cut]))
-        data = dataclasses.replace(data, test=test.subset(np.sort(order[cut:])))
+    data, validation = split_validation(topology, data, fraction)
     summary: dict[str, Any] = {}
     checked = {info.id: [v.as_dict() for v in info.validators] for info in levels}
     if any(checked.values()):

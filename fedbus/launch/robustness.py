@@ -56,8 +56,10 @@ __all__ = [
     "Collusion",
     "ServerDefenses",
     "check_aggregator",
+    "data_trainer",
     "describe_attacks",
     "server_defenses",
+    "split_validation",
     "unsupported_robustness",
 ]
 
@@ -163,7 +165,7 @@ class ServerDefenses:
                     self.data.test, target=int(p["target"]), size=int(p["size"]),
                     value=float(p["value"]),
                 )  # fmt: skip
-                return BackdoorEvaluator(trainer, _trainer(topology, self.data, triggered))
+                return BackdoorEvaluator(trainer, data_trainer(topology, self.data, test=triggered))
         return trainer
 
 
@@ -174,27 +176,13 @@ def server_defenses(topology: Topology, data: FederationData) -> ServerDefenses:
         ConfigError: the validation share leaves an empty validation or test set.
     """
     fraction = max((v.fraction for v in topology.protocol.validators), default=0.0)
-    validation = None
-    if fraction > 0:
-        test = data.test
-        order = np.random.default_rng(derive_seed(topology.seed, "validation")).permutation(
-            len(test)
-        )
-        cut = round(fraction * len(test))
-        if not 0 < cut < len(test):
-            raise ConfigError(
-                f"validation_fraction {fraction} of the {len(test)} held-out examples leaves "
-                "an empty validation or test set",
-                path="protocol.validators",
-            )
-        validation = test.subset(np.sort(order[:cut]))
-        data = dataclasses.replace(data, test=test.subset(np.sort(order[cut:])))
+    data, validation = split_validation(topology, data, fraction)
     specs: list[dict[str, Any]] = []
     for v in topology.protocol.validators:
         spec = v.as_dict()
         if v.kind == "validation_accuracy":
             assert validation is not None
-            spec["evaluate"] = _trainer(topology, data, validation)
+            spec["evaluate"] = data_trainer(topology, data, test=validation)
         specs.append(spec)
     summary: dict[str, Any] = {}
     if topology.protocol.validators:
@@ -204,11 +192,45 @@ def server_defenses(topology: Topology, data: FederationData) -> ServerDefenses:
     return ServerDefenses(data, make_validators(specs), validation, summary)
 
 
-def _trainer(topology: Topology, data: FederationData, evaluate_on: Dataset) -> Trainer:
+def data_trainer(
+    topology: Topology,
+    data: FederationData,
+    *,
+    train: Dataset | None = None,
+    test: Dataset | None = None,
+) -> Trainer:
+    """The topology's trainer on ``train`` and/or ``test``, sized by the federation's data."""
     return make_trainer(
-        model_spec(topology), None, evaluate_on,
+        model_spec(topology), train, test,
         num_features=data.num_features, num_classes=data.num_classes, seed=topology.seed,
     )  # fmt: skip
+
+
+def split_validation(
+    topology: Topology, data: FederationData, fraction: float
+) -> tuple[FederationData, Dataset | None]:
+    """Cut ``fraction`` of the held-out split off as the validation set (seeded).
+
+    Returns the data with the rest as its test split, and the validation set
+    (None, and the data unchanged, when ``fraction`` is 0). Every aggregating
+    level of a run shares this one cut.
+
+    Raises:
+        ConfigError: the share leaves an empty validation or test set.
+    """
+    if fraction <= 0:
+        return data, None
+    test = data.test
+    order = np.random.default_rng(derive_seed(topology.seed, "validation")).permutation(len(test))
+    cut = round(fraction * len(test))
+    if not 0 < cut < len(test):
+        raise ConfigError(
+            f"validation_fraction {fraction} of the {len(test)} held-out examples leaves "
+            "an empty validation or test set",
+            path="protocol.validators",
+        )
+    validation = test.subset(np.sort(order[:cut]))
+    return dataclasses.replace(data, test=test.subset(np.sort(order[cut:]))), validation
 
 
 class BackdoorEvaluator:
@@ -403,20 +425,19 @@ class AttackPlan:
         rng = np.random.default_rng(derive_seed(self.topology.seed, "poison", node_id))
         return entry[1].poison_data(self.data.train[node_id], rng=rng)
 
+    def poisoned_trainer(self, node_id: str) -> Trainer | None:
+        """A trainer on ``node_id``'s poisoned partition (None unless it poisons data)."""
+        bad = self.poisoned_data(node_id)
+        return None if bad is None else data_trainer(self.topology, self.data, train=bad)
+
     def client_attack(self, node_id: str, honest: Trainer) -> ClientAttack | None:
         """The attack hook of ``node_id`` (None for an honest node)."""
         entry = self._by_node.get(node_id)
         if entry is None:
             return None
         spec, attack, collusion = entry
-        poisoned = None
-        bad = self.poisoned_data(node_id)
-        if bad is not None:
-            poisoned = make_trainer(
-                model_spec(self.topology), bad, None, num_features=self.data.num_features,
-                num_classes=self.data.num_classes, seed=self.topology.seed,
-            )  # fmt: skip
         return ClientAttack(
-            node_id, attack, spec, honest=honest, poisoned=poisoned, seed=self.topology.seed,
+            node_id, attack, spec, honest=honest, poisoned=self.poisoned_trainer(node_id),
+            seed=self.topology.seed,
             per_round=self._per_round, examples={k: len(v) for k, v in self.data.train.items()}, collusion=collusion,
         )  # fmt: skip

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from fedbus.config import BrokerConfig
 from fedbus.errors import ConfigError
 
 __all__ = ["WorkerPool", "WorkerSpec", "main"]
@@ -52,7 +51,6 @@ class WorkerSpec:
     seed: int
     broker_url: str
     lean: bool
-    max_payload_bytes: int
     clients: list[str]
     outcomes: str
 
@@ -171,13 +169,9 @@ async def _serve(spec: WorkerSpec) -> dict[str, tuple[str, str]]:
         loads_topology(spec.topology_text),
         rounds=spec.rounds, seed=spec.seed, broker_url=spec.broker_url,
     )  # fmt: skip
-    config = BrokerConfig.from_url(
-        spec.broker_url,
-        max_payload_bytes=spec.max_payload_bytes,
-        protocol="3.1.1" if spec.lean else "auto",
-    )
-    if topology.broker.config is not None:  # credentials and TLS files of a URL broker
-        config = topology.broker.config
+    # The URL override keeps the topology's credentials, TLS files and packet size.
+    config = topology.broker.config
+    assert config is not None  # broker_url names a broker
     connect = mqtt_connect(config, lean=spec.lean)
     data = await asyncio.to_thread(build_data, topology, Path(spec.base_dir))
     attacks = AttackPlan(topology, data)
