@@ -392,10 +392,12 @@ class ClientNode:
                 if self._faults is not None and self._faults.drops(command.round):
                     log.debug("%s: simulated dropout in round %d", self.id, command.round)
                     return False
-                if self._inline(command):
-                    await self._work_on(command, self._driver.post)
+                delay = self._faults.delay_s(command.round) if self._faults is not None else 0.0
+                work = self._work_on(command, self._driver.post, delay)
+                if self._inline(command, delay):
+                    await work
                 else:
-                    self._work = self._spawn(self._work_on(command, self._driver.post), "train")
+                    self._work = self._spawn(work, "train")
             case CancelTraining():
                 if self._work is not None:
                     self._work.cancel()
@@ -419,7 +421,9 @@ class ClientNode:
                 return True
         return False
 
-    async def _work_on(self, command: Train | Evaluate, post: Callable[[Event], None]) -> None:
+    async def _work_on(
+        self, command: Train | Evaluate, post: Callable[[Event], None], delay_s: float
+    ) -> None:
         round_num = command.round
         try:
             if isinstance(command, Train):
@@ -465,8 +469,8 @@ class ClientNode:
         except Exception as exc:  # the user's trainer failed: that is data for the server
             log.warning("%s: local work for round %d failed: %r", self.id, round_num, exc)
             event = TrainingFailed(round=round_num, reason=f"{type(exc).__name__}: {exc}")
-        if self._faults is not None and (delay := self._faults.delay_s(round_num)):
-            await asyncio.sleep(delay)
+        if delay_s:  # a simulated straggler
+            await asyncio.sleep(delay_s)
         post(event)
 
     def _scaffold(
@@ -494,7 +498,7 @@ class ClientNode:
         )  # fmt: skip
         return delta
 
-    def _inline(self, command: Train | Evaluate) -> bool:
+    def _inline(self, command: Train | Evaluate, delay_s: float) -> bool:
         """Whether ``command``'s work runs to its end inside the driver, without a task.
 
         Only work that `WorkTimer.run` runs on the loop anyway (tiny
@@ -503,9 +507,7 @@ class ClientNode:
         and wake. Nothing can overtake it (the driver takes no event
         meanwhile), so there is nothing to cancel.
         """
-        if self._attack is not None:
-            return False
-        if self._faults is not None and self._faults.delay_s(command.round):
+        if self._attack is not None or delay_s:
             return False
         return self._work_timer.tiny("fit" if isinstance(command, Train) else "evaluate")
 

@@ -8,8 +8,8 @@ here; plus the wire's scalar metrics, which every node kind builds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 import numpy.typing as npt
 
@@ -17,8 +17,37 @@ from fedbus.messages import ALL_SELECTED, Tensor, tensors_to_arrays
 
 __all__ = ["is_selected", "scalars", "shared_arrays"]
 
-_selected_sets: dict[int, tuple[list[str], frozenset[str]]] = {}
-"""id(list) -> (the list, its set), for the last few shared ``selected`` lists."""
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _PerObject(Generic[_K, _V]):
+    """``derive(obj)`` computed once per object, for the last ``size`` objects seen.
+
+    Keyed by identity: the objects are the shared decodes of broadcasts. An
+    entry keeps a reference to its object, so its ``id`` cannot be reused
+    while cached.
+    """
+
+    def __init__(self, derive: Callable[[_K], _V], size: int = 4) -> None:
+        self._derive = derive
+        self._size = size
+        self._entries: dict[int, tuple[_K, _V]] = {}
+
+    def __call__(self, obj: _K) -> _V:
+        entry = self._entries.get(id(obj))
+        if entry is None or entry[0] is not obj:
+            if len(self._entries) >= self._size:
+                self._entries.pop(next(iter(self._entries)))
+            entry = (obj, self._derive(obj))
+            self._entries[id(obj)] = entry
+        return entry[1]
+
+
+_selected_set: _PerObject[list[str], frozenset[str]] = _PerObject(frozenset)
+_array_views: _PerObject[Mapping[str, Tensor], dict[str, npt.NDArray[Any]]] = _PerObject(
+    tensors_to_arrays
+)
 
 
 def is_selected(node_id: str, selected: list[str], *, explicit: bool = False) -> bool:
@@ -30,22 +59,12 @@ def is_selected(node_id: str, selected: list[str], *, explicit: bool = False) ->
     Why: broadcasts are decoded once per process (`fedbus.inbound.SharedDecodes`),
     so the 1,000 clients of a simulation receive the very same ``selected``
     lists (the model's and the manifest's); scanning them 1,000 times a round
-    was quadratic. The set is built once per list object; the cache keeps a
-    reference to the list, so its ``id`` cannot be reused while cached.
+    was quadratic. The set is built once per list object.
     """
     if len(selected) < 32:
         return node_id in selected or (not explicit and ALL_SELECTED in selected)
-    entry = _selected_sets.get(id(selected))
-    if entry is None or entry[0] is not selected:
-        if len(_selected_sets) >= 4:
-            _selected_sets.pop(next(iter(_selected_sets)))
-        entry = (selected, frozenset(selected))
-        _selected_sets[id(selected)] = entry
-    return node_id in entry[1] or (not explicit and ALL_SELECTED in entry[1])
-
-
-_array_views: dict[int, tuple[Mapping[str, Tensor], dict[str, npt.NDArray[Any]]]] = {}
-"""id(tensor map) -> (the map, its numpy views), for the last few shared broadcasts."""
+    members = _selected_set(selected)
+    return node_id in members or (not explicit and ALL_SELECTED in members)
 
 
 def shared_arrays(tensors: Mapping[str, Tensor]) -> dict[str, npt.NDArray[Any]]:
@@ -56,13 +75,7 @@ def shared_arrays(tensors: Mapping[str, Tensor]) -> dict[str, npt.NDArray[Any]]:
     clients made the same read-only views of it. The views are read-only
     (the payload is immutable), so sharing them is safe; the dict is copied.
     """
-    entry = _array_views.get(id(tensors))
-    if entry is None or entry[0] is not tensors:
-        if len(_array_views) >= 4:
-            _array_views.pop(next(iter(_array_views)))
-        entry = (tensors, tensors_to_arrays(tensors))
-        _array_views[id(tensors)] = entry
-    return dict(entry[1])
+    return dict(_array_views(tensors))
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
