@@ -55,6 +55,39 @@ class Slot:
     offset: int
     scale_offset: int | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        """The slot as a manifest entry (`from_json` reads it back)."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "view": list(self.view),
+            "perm": list(self.perm),
+            "dtype": self.dtype,
+            "tensor": self.tensor,
+            "offset": self.offset,
+            "scale_offset": self.scale_offset,
+        }
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any], *, dtype: str | None = None) -> Slot:
+        """A slot from a manifest entry; ``dtype`` overrides the entry's.
+
+        Raises:
+            KeyError, TypeError, ValueError: a malformed entry (callers turn
+            them into one `ConfigError`).
+        """
+        scale = entry.get("scale_offset")
+        return cls(
+            name=str(entry["name"]),
+            shape=tuple(int(d) for d in entry["shape"]),
+            view=tuple(int(d) for d in entry["view"]),
+            perm=tuple(int(d) for d in entry["perm"]),
+            dtype=str(entry["dtype"]) if dtype is None else dtype,
+            tensor=int(entry["tensor"]),
+            offset=int(entry["offset"]),
+            scale_offset=None if scale is None else int(scale),
+        )
+
     @property
     def size(self) -> int:
         """Number of elements."""
@@ -107,19 +140,7 @@ class Template:
                 else list(self.arch.image_shape),
             },
             "int8": self.int8,
-            "slots": [
-                {
-                    "name": s.name,
-                    "shape": list(s.shape),
-                    "view": list(s.view),
-                    "perm": list(s.perm),
-                    "dtype": s.dtype,
-                    "tensor": s.tensor,
-                    "offset": s.offset,
-                    "scale_offset": s.scale_offset,
-                }
-                for s in self.slots
-            ],
+            "slots": [s.to_json() for s in self.slots],
         }
 
     @classmethod
@@ -139,19 +160,7 @@ class Template:
                 tuple(int(h) for h in a.get("hidden", ())),
                 None if shape is None else (int(shape[0]), int(shape[1]), int(shape[2])),
             )
-            slots = tuple(
-                Slot(
-                    name=str(s["name"]),
-                    shape=tuple(int(d) for d in s["shape"]),
-                    view=tuple(int(d) for d in s["view"]),
-                    perm=tuple(int(d) for d in s["perm"]),
-                    dtype=str(s["dtype"]),
-                    tensor=int(s["tensor"]),
-                    offset=int(s["offset"]),
-                    scale_offset=None if s.get("scale_offset") is None else int(s["scale_offset"]),
-                )
-                for s in manifest["slots"]
-            )
+            slots = tuple(Slot.from_json(s) for s in manifest["slots"])
             template = cls(arch, bytes(model), slots, bool(manifest.get("int8", False)))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"malformed template manifest: {exc!r}", path="model") from exc

@@ -119,19 +119,7 @@ class TorchTemplate:
             "kind": "torch",
             "input_shape": list(self.input_shape),
             "ignored": sorted(self.ignored),
-            "slots": [
-                {
-                    "name": s.name,
-                    "shape": list(s.shape),
-                    "view": list(s.view),
-                    "perm": list(s.perm),
-                    "dtype": s.dtype,
-                    "tensor": s.tensor,
-                    "offset": s.offset,
-                    "scale_offset": None,
-                }
-                for s in self.slots
-            ],
+            "slots": [s.to_json() for s in self.slots],
         }
 
 
@@ -147,18 +135,7 @@ def torch_template_from_manifest(model: bytes, manifest: Mapping[str, Any]) -> T
     try:
         if manifest.get("kind") != "torch":
             raise ValueError("not a factory (torch) model's manifest")
-        slots = tuple(
-            Slot(
-                name=str(s["name"]),
-                shape=tuple(int(d) for d in s["shape"]),
-                view=tuple(int(d) for d in s["view"]),
-                perm=tuple(int(d) for d in s["perm"]),
-                dtype="float32",
-                tensor=int(s["tensor"]),
-                offset=int(s["offset"]),
-            )
-            for s in manifest["slots"]
-        )
+        slots = tuple(Slot.from_json(s, dtype="float32") for s in manifest["slots"])
         shape = tuple(int(d) for d in manifest["input_shape"])
         ignored = frozenset(str(n) for n in manifest.get("ignored", ()))
     except (KeyError, TypeError, ValueError) as exc:
