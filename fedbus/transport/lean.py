@@ -18,7 +18,7 @@ Theory of operation, the same contract as `fedbus.transport.mqtt.MqttTransport`:
   every waiter raises `ConnectError` chained to the last cause.
 * **Calls.** A QoS 1 publish waits for its PUBACK; at most ``max_inflight``
   wait at once. If its link dies first it is re-sent on the next link (at
-  least once), at most ``_MAX_LOSSES_PER_CALL`` times.
+  least once), at most ``MAX_LOSSES_PER_CALL`` times.
 * **Receiving.** Messages go into the inbox from ``data_received`` itself, or
   to the function given to `set_receiver` (`fedbus.transport.base.PushReceiver`:
   a `Messenger` then handles each message in that same callback); the PUBACKs
@@ -35,24 +35,13 @@ Theory of operation, the same contract as `fedbus.transport.mqtt.MqttTransport`:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
-import random
-import ssl
-from collections.abc import AsyncIterator, Callable
-from types import TracebackType
-from typing import Final, Literal, Self
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
 from fedbus.config import BrokerConfig
-from fedbus.errors import (
-    ConfigError,
-    ConnectError,
-    LocalProtocolError,
-    PayloadTooLargeError,
-    TransportClosed,
-    TransportError,
-)
+from fedbus.errors import ConfigError, LocalProtocolError, TransportError
 from fedbus.mqtt import (
     MessageReceived,
     MqttConnection,
@@ -60,16 +49,20 @@ from fedbus.mqtt import (
     SubscribeAcked,
     check_topic_filter,
 )
+from fedbus.transport import _supervised
 from fedbus.transport._lean_connect import FatalConnect, Refused, open_link, serve
 from fedbus.transport._lean_link import TIMED_OUT, Answer, Link
-from fedbus.transport._mqtt_support import Inbox, MqttStats
-from fedbus.transport._tls import client_credentials, client_ssl_context
-from fedbus.transport.base import Received, Will, packet_overhead
+from fedbus.transport._mqtt_support import Inbox
+from fedbus.transport._supervised import (
+    CLOSE_TIMEOUT_S,
+    MAX_LOSSES_PER_CALL,
+    SupervisedTransport,
+    check_client_args,
+    default_ack_timeout_s,
+)
+from fedbus.transport.base import Received, Will
 
 __all__ = ["LeanMqttTransport"]
-
-_MAX_LOSSES_PER_CALL: Final = 3
-_CLOSE_TIMEOUT_S: Final = 5.0
 
 
 class _Inbox(Inbox):
@@ -77,7 +70,7 @@ class _Inbox(Inbox):
         return not self._items
 
 
-class LeanMqttTransport:
+class LeanMqttTransport(SupervisedTransport[Link]):
     """A `fedbus.transport.base.Transport` over an MQTT 3.1.1 broker, on asyncio alone.
 
     Args:
@@ -96,6 +89,12 @@ class LeanMqttTransport:
         ConfigError: ``protocol="5"``, unreadable TLS files, or ``password_env`` not set.
     """
 
+    _KIND: ClassVar[str] = "LeanMqttTransport"
+    _TASK_TAG: ClassVar[str] = "lean"
+    _SUPERVISOR_LOG_NAME: ClassVar[str] = "lean mqtt"
+    _RETRYABLE: ClassVar[tuple[type[Exception], ...]] = (OSError, TimeoutError, Refused)
+    _inbox: _Inbox
+
     def __init__(
         self,
         config: BrokerConfig,
@@ -108,127 +107,47 @@ class LeanMqttTransport:
         max_incoming_bytes: int | None = None,
         ack_timeout_s: float | None = None,
     ) -> None:
-        if not client_id:
-            raise ValueError("client_id must not be empty")
-        if max_queued_messages < 0:
-            raise ValueError("max_queued_messages must be >= 0 (0: unbounded)")
+        check_client_args(client_id, max_queued_messages)
         if config.protocol == "5":
             raise ConfigError(
                 "LeanMqttTransport speaks MQTT 3.1.1 only; use MqttTransport for MQTT 5",
                 path="broker.protocol",
             )
-        self._config = config
-        self._client_id = client_id
+        super().__init__(
+            config,
+            client_id,
+            logger=logger,
+            default_logger=__name__,
+            inbox=_Inbox(max_queued_messages),
+        )
         self._will = None if will is None else (will.topic, will.payload, will.qos, will.retain)
         self._clean_session = clean_session
-        self._log = logger or logging.getLogger(__name__)
-        self._ssl: ssl.SSLContext | None = client_ssl_context(config)
-        self._username, self._password = client_credentials(config, client_id)
         self._max_incoming = max_incoming_bytes or config.max_payload_bytes
-        self._ack_timeout_s = ack_timeout_s or max(60.0, 3.0 * config.keepalive_s) + (
-            config.max_inflight * config.max_payload_bytes / 100_000
-        )
+        self._ack_timeout_s = ack_timeout_s or default_ack_timeout_s(config)
         self._tick_s = min(config.keepalive_s, self._ack_timeout_s) / 4
-        self._window = asyncio.Semaphore(config.max_inflight)
-        self._inbox = _Inbox(max_queued_messages)
         self._receiver: Callable[[Received], None] | None = None
-        self._stats = MqttStats()
-        self._subscriptions: dict[str, int] = {}
-        self._link: Link | None = None
-        self._link_changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._open = False
-        self._closing = False
-        self._failure: tuple[str, BaseException | None] | None = None
         self._connected_once = False
-        self._consuming = False
 
-    # -- properties -------------------------------------------------------------
-
-    @property
-    def client_id(self) -> str:
-        """The MQTT client id: equals the node id."""
-        return self._client_id
-
-    @property
-    def max_payload_bytes(self) -> int:
-        """Largest PUBLISH packet this connection may send."""
-        return self._config.max_payload_bytes
+    # -- properties and hooks of SupervisedTransport -------------------------------
 
     @property
     def protocol(self) -> Literal["3.1.1"] | None:
         """Always "3.1.1" once connected; None before the first connection."""
         return "3.1.1" if self._connected_once else None
 
-    @property
-    def connected(self) -> bool:
-        """Whether a connection is up right now (False during an outage)."""
-        return self._link is not None and self._link.alive
+    def _link_alive(self, link: Link) -> bool:
+        return link.alive
 
-    @property
-    def stats(self) -> MqttStats:
-        """A snapshot of the counters."""
-        return dataclasses.replace(self._stats)
-
-    # -- lifecycle --------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        """Connect, retrying with backoff until ``reconnect.deadline_s``.
-
-        Raises:
-            RuntimeError: already open (reusable, not re-entrant).
-            ConnectError: refused (credentials, authorization, TLS verification)
-                or unreachable until the deadline; the cause is chained.
-        """
-        if self._open:
-            raise RuntimeError(
-                f"LeanMqttTransport {self._client_id!r} is already open: "
-                "it is reusable but not re-entrant"
-            )
-        self._open = True
-        self._closing = False
-        self._failure = None
-        self._link_changed.clear()
-        self._inbox.reopen()
-        self._task = asyncio.create_task(self._supervise(), name=f"fedbus[{self._client_id}].lean")
-        try:
-            await self._wait_link()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Send DISCONNECT (the broker discards the will) and close; idempotent.
-
-        Calls waiting on the connection raise `TransportClosed`; the message
-        iterator ends; messages still queued for it are dropped and counted.
-        """
-        if not self._open:
-            return
-        self._closing = True
-        self._link_changed.set()
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
+    async def _end_link(self, task: asyncio.Task[None] | None) -> None:
+        """Send DISCONNECT (the broker discards the will) and close the last link."""
         link, self._link = self._link, None
         if link is not None and link.alive:
             link.write(link.conn.disconnect())
             link.close()
-            await asyncio.wait({link.lost}, timeout=_CLOSE_TIMEOUT_S)
+            await asyncio.wait({link.lost}, timeout=CLOSE_TIMEOUT_S)
             link.kill(None)
-        self._stats.dropped += self._inbox.close(discard=True)
-        self._subscriptions.clear()
-        self._open = False
+
+    # -- lifecycle --------------------------------------------------------------
 
     async def abort(self) -> None:
         """Simulate a crash: drop the TCP connection without DISCONNECT, so the will fires.
@@ -260,13 +179,7 @@ class LeanMqttTransport:
             raise ValueError(f"LeanMqttTransport publishes at QoS 0 or 1, not {qos}")
         if not topic or "+" in topic or "#" in topic:
             raise ValueError(f"cannot publish to {topic!r}: empty or a wildcard")
-        size = len(payload) + packet_overhead(topic)
-        if size > self._config.max_payload_bytes:
-            raise PayloadTooLargeError(
-                f"PUBLISH to {topic!r} would be up to {size} bytes, over max_payload_bytes="
-                f"{self._config.max_payload_bytes}; send it in chunks of at most "
-                f"{self._config.max_payload_bytes - packet_overhead(topic)} payload bytes"
-            )
+        self._check_size(topic, payload)
         self._check_open()
         if qos == 0:
             link = await self._writable_link()
@@ -360,38 +273,7 @@ class LeanMqttTransport:
         """
         self._receiver = receiver
 
-    def messages(self) -> AsyncIterator[Received]:
-        """Iterate over received messages across reconnects until the transport is closed.
-
-        One consumer at a time. If reconnecting gives up, the messages already
-        received are yielded, then the iterator raises `ConnectError`.
-        """
-        return _MessageStream(self)
-
     # -- calls on the current link ------------------------------------------------
-
-    def _check_open(self) -> None:
-        if not self._open or self._closing:
-            raise TransportClosed(f"LeanMqttTransport {self._client_id!r} is closed")
-
-    def _connect_error(self) -> ConnectError:
-        assert self._failure is not None
-        message, cause = self._failure
-        error = ConnectError(message)
-        error.__cause__ = cause
-        return error
-
-    async def _wait_link(self) -> Link:
-        """The live connection; waits through an outage (the supervisor bounds it)."""
-        while True:
-            self._check_open()
-            if self._failure is not None:
-                raise self._connect_error()
-            link = self._link
-            if link is not None and link.alive:
-                return link
-            self._link_changed.clear()
-            await self._link_changed.wait()
 
     async def _writable_link(self) -> Link:
         """The live connection, once its write buffer is below the high-water mark."""
@@ -407,7 +289,7 @@ class LeanMqttTransport:
     def _after_loss(self, link: Link, losses: int, what: str) -> int:
         self._check_open()
         losses += 1
-        if losses >= _MAX_LOSSES_PER_CALL:
+        if losses >= MAX_LOSSES_PER_CALL:
             cause = link.lost.result() if link.lost.done() else None
             raise TransportError(
                 f"{what}: the connection to {self._config.url} died {losses} times "
@@ -458,105 +340,42 @@ class LeanMqttTransport:
 
     # -- the supervisor (connect, keepalive, reconnect) ------------------------------
 
-    async def _supervise(self) -> None:
+    def _where(self) -> str:
+        return f"{self._config.url} as {self._client_id!r}"
+
+    async def _open_link(self) -> Link:
         try:
-            await self._connect_loop()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must not leave waiters hanging
-            self._log.exception("lean mqtt supervisor of %s crashed", self._client_id)
-            self._fail(f"MQTT connection handling failed: {exc!r}", exc)
-
-    async def _connect_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        policy = self._config.reconnect
-        attempt = 0
-        first = True
-        outage_since = loop.time()
-        where = f"{self._config.url} as {self._client_id!r}"
-        while True:
-            try:
-                link = await open_link(
-                    self._config,
-                    self._client_id,
-                    MqttConnection(max_packet_size=self._max_incoming),
-                    self._deliver,
-                    ssl_context=self._ssl,
-                    clean_session=self._clean_session,
-                    credentials=(self._username, self._password),
-                    will=self._will,
-                    subscriptions=self._subscriptions,
-                    log=self._log,
-                )
-            except FatalConnect as exc:
-                self._fail(f"broker at {where} {exc}", exc.__cause__)
-                return
-            except (OSError, TimeoutError, Refused) as exc:
-                remaining = (
-                    math.inf
-                    if policy.deadline_s is None
-                    else outage_since + policy.deadline_s - loop.time()
-                )
-                if remaining <= 0:
-                    verb = "connect" if first else "reconnect"
-                    self._fail(
-                        f"could not {verb} to {self._config.url} as {self._client_id!r} within "
-                        f"{policy.deadline_s:g} s ({attempt + 1} attempts); last error: {exc}",
-                        exc,
-                    )
-                    return
-                delay = min(policy.delay_s(attempt, random.random()), remaining)
-                attempt += 1
-                self._log.debug("connecting to %s failed (%s); retry in %.2f s", where, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            if not first:
-                self._stats.reconnects += 1
-                self._log.info("reconnected to %s", where)
-            first = False
-            attempt = 0
-            self._connected_once = True
-            self._link = link
-            self._link_changed.set()
-            cause = await serve(link, tick_s=self._tick_s, keepalive_s=self._config.keepalive_s)
-            if self._link is link:
-                self._link = None
-            self._link_changed.set()
-            if self._closing:
-                return
-            self._log.warning("connection of %s lost: %s", where, cause)
-            outage_since = loop.time()
-
-    def _fail(self, message: str, cause: BaseException | None) -> None:
-        self._failure = (message, cause)
-        self._log.debug("%s", message)
-        self._inbox.close(discard=False)
-        self._link_changed.set()
-
-
-class _MessageStream:
-    """The iterator `LeanMqttTransport.messages` returns: one consumer at a time."""
-
-    def __init__(self, transport: LeanMqttTransport) -> None:
-        self._transport = transport
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Received:
-        t = self._transport
-        if t._consuming:
-            raise RuntimeError(
-                f"LeanMqttTransport {t.client_id!r}: messages() already has a consumer; "
-                "only one task may iterate at a time"
+            return await open_link(
+                self._config,
+                self._client_id,
+                MqttConnection(max_packet_size=self._max_incoming),
+                self._deliver,
+                ssl_context=self._ssl,
+                clean_session=self._clean_session,
+                credentials=(self._username, self._password),
+                will=self._will,
+                subscriptions=self._subscriptions,
+                log=self._log,
             )
-        t._consuming = True
-        try:
-            item = await t._inbox.get()
-        finally:
-            t._consuming = False
-        if item is not None:
-            return item
-        if t._failure is not None and not t._closing:
-            raise t._connect_error()
-        raise StopAsyncIteration
+        except FatalConnect as exc:
+            raise _supervised.FatalConnect(f"broker at {self._where()} {exc}") from exc.__cause__
+
+    def _log_retry(self, cause: BaseException, attempt: int, delay: float) -> None:
+        self._log.debug(
+            "connecting to %s failed (%s); retry in %.2f s", self._where(), cause, delay
+        )
+
+    def _log_reconnected(self) -> None:
+        self._log.info("reconnected to %s", self._where())
+
+    async def _serve(self, link: Link) -> None:
+        """Publish the link, send keepalive pings and enforce deadlines until it dies."""
+        self._connected_once = True
+        self._link = link
+        self._link_changed.set()
+        cause = await serve(link, tick_s=self._tick_s, keepalive_s=self._config.keepalive_s)
+        if self._link is link:
+            self._link = None
+        self._link_changed.set()
+        if not self._closing:
+            self._log.warning("connection of %s lost: %s", self._where(), cause)

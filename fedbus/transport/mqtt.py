@@ -25,7 +25,7 @@ touches one file. Theory of operation:
   before sending (`PayloadTooLargeError`): callers chunk. An over-size QoS 1
   publish against mosquitto's ``message_size_limit`` over MQTT 5 makes paho
   drop the connection (PUBACK 0x95) and a naive retry loops forever, so one
-  message may lose at most ``_MAX_LOSSES_PER_CALL`` connections.
+  message may lose at most ``MAX_LOSSES_PER_CALL`` connections.
 * **Protocol.** "auto" offers MQTT 5 and falls back to 3.1.1 when the broker
   refuses it (amqtt answers "unsupported protocol version"); the version that
   worked is kept for this session's reconnects. fedbus needs nothing from
@@ -45,15 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import math
-import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
-from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, Final, Literal, TypeVar
 
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
@@ -61,7 +57,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedbus.config import BrokerConfig
-from fedbus.errors import ConnectError, PayloadTooLargeError, TransportClosed, TransportError
+from fedbus.errors import TransportError
 from fedbus.transport._mqtt_support import (
     REFUSALS,
     UNSUPPORTED_PROTOCOL,
@@ -71,15 +67,20 @@ from fedbus.transport._mqtt_support import (
     reason_value,
     root_cause,
 )
-from fedbus.transport._tls import client_credentials, client_ssl_context
-from fedbus.transport.base import Received, Will, packet_overhead
+from fedbus.transport._supervised import (
+    CLOSE_TIMEOUT_S,
+    MAX_LOSSES_PER_CALL,
+    FatalConnect,
+    SupervisedTransport,
+    check_client_args,
+    default_ack_timeout_s,
+)
+from fedbus.transport.base import Received, Will
 
 __all__ = ["MqttStats", "MqttTransport"]
 
 _T = TypeVar("_T")
 
-_MAX_LOSSES_PER_CALL: Final = 3
-_CLOSE_TIMEOUT_S: Final = 5.0
 _PAHO_CONNECT_GRACE_S: Final = 6.0
 """paho's blocking TCP connect (5 s timeout) runs in a thread that cannot be cancelled."""
 _SESSION_NEVER_EXPIRES: Final = 0xFFFFFFFF
@@ -88,10 +89,6 @@ _DROP_LOG_EVERY: Final = 1000
 
 class _LinkLost(Exception):
     """Internal: the connection a call was made on died first."""
-
-
-class _FatalConnect(Exception):
-    """Internal: the broker refused us in a way that retrying will not fix."""
 
 
 class _Link:
@@ -109,7 +106,7 @@ def _protocol_name(version: aiomqtt.ProtocolVersion) -> Literal["5", "3.1.1"]:
     return "5" if version == aiomqtt.ProtocolVersion.V5 else "3.1.1"
 
 
-class MqttTransport:
+class MqttTransport(SupervisedTransport[_Link]):
     """A `fedbus.transport.base.Transport` over an MQTT broker.
 
     Example::
@@ -137,6 +134,11 @@ class MqttTransport:
         ConfigError: unreadable TLS files, or ``password_env`` not set.
     """
 
+    _KIND: ClassVar[str] = "MqttTransport"
+    _TASK_TAG: ClassVar[str] = "mqtt"
+    _SUPERVISOR_LOG_NAME: ClassVar[str] = "mqtt"
+    _RETRYABLE: ClassVar[tuple[type[Exception], ...]] = (aiomqtt.MqttError, TimeoutError, OSError)
+
     def __init__(
         self,
         config: BrokerConfig,
@@ -154,120 +156,40 @@ class MqttTransport:
                 "MqttTransport must be built inside a running event loop "
                 "(aiomqtt 2.x binds to it); create it in async code"
             ) from None
-        if not client_id:
-            raise ValueError("client_id must not be empty")
-        if max_queued_messages < 0:
-            raise ValueError("max_queued_messages must be >= 0 (0: unbounded)")
-        self._config = config
-        self._client_id = client_id
+        check_client_args(client_id, max_queued_messages)
+        super().__init__(
+            config,
+            client_id,
+            logger=logger,
+            default_logger=__name__,
+            inbox=Inbox(max_queued_messages),
+        )
         self._will = will
         self._clean_session = clean_session
-        self._log = logger or logging.getLogger(__name__)
         self._paho_log = self._log.getChild("paho")
-        self._ssl: ssl.SSLContext | None = client_ssl_context(config)
-        self._username, self._password = client_credentials(config, client_id)
-        # Generous: it bounds a wedged broker, not a slow link (window x packet at >= 100 kB/s).
-        self._ack_timeout_s = max(60.0, 3.0 * config.keepalive_s) + (
-            config.max_inflight * config.max_payload_bytes / 100_000
-        )
-        self._window = asyncio.Semaphore(config.max_inflight)
-        self._inbox = Inbox(max_queued_messages)
-        self._stats = MqttStats()
-        self._subscriptions: dict[str, int] = {}
-        self._link: _Link | None = None
-        self._link_changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._open = False
-        self._closing = False
-        self._failure: tuple[str, BaseException | None] | None = None
+        self._ack_timeout_s = default_ack_timeout_s(config)
         self._protocol: aiomqtt.ProtocolVersion | None = None
-        self._consuming = False
 
-    # -- properties -------------------------------------------------------------
-
-    @property
-    def client_id(self) -> str:
-        """The MQTT client id: equals the node id."""
-        return self._client_id
-
-    @property
-    def max_payload_bytes(self) -> int:
-        """Largest PUBLISH packet this connection may send."""
-        return self._config.max_payload_bytes
+    # -- properties and hooks of SupervisedTransport -------------------------------
 
     @property
     def protocol(self) -> Literal["5", "3.1.1"] | None:
         """The MQTT version in use ("5" or "3.1.1"), or None before the first connection."""
         return None if self._protocol is None else _protocol_name(self._protocol)
 
-    @property
-    def connected(self) -> bool:
-        """Whether a connection is up right now (False during an outage)."""
-        return self._link is not None and not self._link.lost.done()
+    def _on_open(self) -> None:
+        self._protocol = None
 
-    @property
-    def stats(self) -> MqttStats:
-        """A snapshot of the counters."""
-        return dataclasses.replace(self._stats)
+    def _link_alive(self, link: _Link) -> bool:
+        return not link.lost.done()
+
+    async def _end_link(self, task: asyncio.Task[None] | None) -> None:
+        """The supervisor sent DISCONNECT on its way out, bounded by CLOSE_TIMEOUT_S."""
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            self._log.error("mqtt supervisor of %s failed", self._client_id)
+        self._link = None
 
     # -- lifecycle --------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        """Connect, retrying with backoff until ``reconnect.deadline_s``.
-
-        Raises:
-            RuntimeError: already open (reusable, not re-entrant).
-            ConnectError: refused (bad credentials, not authorized, TLS
-                verification) or unreachable until the deadline; the cause is chained.
-        """
-        if self._open:
-            raise RuntimeError(
-                f"MqttTransport {self._client_id!r} is already open: "
-                "it is reusable but not re-entrant"
-            )
-        self._open = True
-        self._closing = False
-        self._failure = None
-        self._protocol = None
-        self._link_changed.clear()
-        self._inbox.reopen()
-        self._task = asyncio.create_task(self._supervise(), name=f"fedbus[{self._client_id}].mqtt")
-        try:
-            await self._wait_link()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Disconnect cleanly (the broker discards the will); idempotent.
-
-        Calls waiting on the connection raise `TransportClosed`; the message
-        iterator ends; messages still queued for it are dropped and counted.
-        """
-        if not self._open:
-            return
-        self._closing = True
-        self._link_changed.set()
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            # The supervisor sends DISCONNECT on its way out, bounded by _CLOSE_TIMEOUT_S.
-            await asyncio.wait({task})
-            if not task.cancelled() and task.exception() is not None:
-                self._log.error("mqtt supervisor of %s failed", self._client_id)
-        self._stats.dropped += self._inbox.close(discard=True)
-        self._subscriptions.clear()
-        self._link = None
-        self._open = False
 
     async def abort(self) -> None:
         """Simulate a crash: drop the connection without DISCONNECT, so the will fires.
@@ -287,7 +209,7 @@ class MqttTransport:
                 # Let the supervisor see the loss itself before closing: a DISCONNECT
                 # queued meanwhile would make aiomqtt register a writer on a dead socket.
                 if task is not None:
-                    await asyncio.wait({task}, timeout=_CLOSE_TIMEOUT_S)
+                    await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
         await self.aclose()
 
     # -- the Transport interface ------------------------------------------------
@@ -312,13 +234,7 @@ class MqttTransport:
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
         if not topic or "+" in topic or "#" in topic:
             raise ValueError(f"cannot publish to {topic!r}: empty or a wildcard")
-        size = len(payload) + packet_overhead(topic)
-        if size > self._config.max_payload_bytes:
-            raise PayloadTooLargeError(
-                f"PUBLISH to {topic!r} would be up to {size} bytes, over max_payload_bytes="
-                f"{self._config.max_payload_bytes}; send it in chunks of at most "
-                f"{self._config.max_payload_bytes - packet_overhead(topic)} payload bytes"
-            )
+        self._check_size(topic, payload)
         self._check_open()
         async with self._window:
             await self._call_until_done(
@@ -374,41 +290,10 @@ class MqttTransport:
             what=f"unsubscribe from {topic_filter!r}",
         )
 
-    def messages(self) -> AsyncIterator[Received]:
-        """Iterate over received messages across reconnects until the transport is closed.
-
-        One consumer at a time. If reconnecting gives up, the messages already
-        received are yielded, then the iterator raises `ConnectError`.
-        """
-        return _MessageStream(self)
-
     # -- calls on the current link ------------------------------------------------
-
-    def _check_open(self) -> None:
-        if not self._open or self._closing:
-            raise TransportClosed(f"MqttTransport {self._client_id!r} is closed")
 
     def _count_republish(self) -> None:
         self._stats.republished += 1
-
-    def _connect_error(self) -> ConnectError:
-        assert self._failure is not None
-        message, cause = self._failure
-        error = ConnectError(message)
-        error.__cause__ = cause
-        return error
-
-    async def _wait_link(self) -> _Link:
-        """The live connection; waits through an outage (the supervisor bounds it)."""
-        while True:
-            self._check_open()
-            if self._failure is not None:
-                raise self._connect_error()
-            link = self._link
-            if link is not None and not link.lost.done():
-                return link
-            self._link_changed.clear()
-            await self._link_changed.wait()
 
     async def _call_until_done(
         self,
@@ -426,7 +311,7 @@ class MqttTransport:
             except _LinkLost as exc:
                 self._check_open()
                 losses += 1
-                if losses >= _MAX_LOSSES_PER_CALL:
+                if losses >= MAX_LOSSES_PER_CALL:
                     raise TransportError(
                         f"{what}: the connection to {self._config.url} died {losses} times "
                         "while this call was in flight; a broker limit (message_size_limit, "
@@ -465,64 +350,22 @@ class MqttTransport:
 
     # -- the supervisor -----------------------------------------------------------
 
-    async def _supervise(self) -> None:
-        try:
-            await self._connect_loop()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must not leave waiters hanging
-            self._log.exception("mqtt supervisor of %s crashed", self._client_id)
-            self._fail(f"MQTT connection handling failed: {exc!r}", exc)
+    def _retry_cause(self, exc: BaseException) -> BaseException:
+        return root_cause(exc)
 
-    async def _connect_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        policy = self._config.reconnect
-        attempt = 0
-        first = True
-        outage_since = loop.time()
-        while True:
-            try:
-                link = await self._connect()
-            except _FatalConnect as exc:
-                self._fail(str(exc), exc.__cause__)
-                return
-            except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
-                cause = root_cause(exc)
-                remaining = (
-                    math.inf
-                    if policy.deadline_s is None
-                    else outage_since + policy.deadline_s - loop.time()
-                )
-                if remaining <= 0:
-                    verb = "connect" if first else "reconnect"
-                    self._fail(
-                        f"could not {verb} to {self._config.url} as {self._client_id!r} within "
-                        f"{policy.deadline_s:g} s ({attempt + 1} attempts); last error: {cause}",
-                        cause,
-                    )
-                    return
-                delay = min(policy.delay_s(attempt, random.random()), remaining)
-                attempt += 1
-                self._log.debug(
-                    "connecting to %s failed (%s); retry %d in %.2f s",
-                    self._config.url,
-                    cause,
-                    attempt,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            if not first:
-                self._stats.reconnects += 1
-                self._log.info("reconnected to %s as %s", self._config.url, self._client_id)
-            first = False
-            attempt = 0
-            await self._serve(link)
-            if self._closing:
-                return  # closed or aborted meanwhile: no reconnect
-            outage_since = loop.time()
+    def _log_retry(self, cause: BaseException, attempt: int, delay: float) -> None:
+        self._log.debug(
+            "connecting to %s failed (%s); retry %d in %.2f s",
+            self._config.url,
+            cause,
+            attempt,
+            delay,
+        )
 
-    async def _connect(self) -> _Link:
+    def _log_reconnected(self) -> None:
+        self._log.info("reconnected to %s as %s", self._config.url, self._client_id)
+
+    async def _open_link(self) -> _Link:
         versions = (
             [self._protocol]
             if self._protocol is not None
@@ -562,17 +405,17 @@ class MqttTransport:
         if isinstance(exc, aiomqtt.MqttCodeError):
             code = reason_value(exc.rc)
             if code in REFUSALS:
-                raise _FatalConnect(
+                raise FatalConnect(
                     f"broker at {where} refused the connection: {REFUSALS[code]}"
                 ) from exc
             if code == UNSUPPORTED_PROTOCOL and last:
-                raise _FatalConnect(
+                raise FatalConnect(
                     f"broker at {where} does not support MQTT {_protocol_name(version)} "
                     '(set protocol "auto" or "3.1.1")'
                 ) from exc
         cause = root_cause(exc)
         if isinstance(cause, ssl.SSLCertVerificationError):
-            raise _FatalConnect(
+            raise FatalConnect(
                 f"TLS verification of {where} failed: {cause.verify_message}"
             ) from cause
 
@@ -632,7 +475,7 @@ class MqttTransport:
         await self._disconnect(client, timeout_s=1.0)
 
     async def _disconnect(
-        self, client: aiomqtt.Client, *, timeout_s: float = _CLOSE_TIMEOUT_S
+        self, client: aiomqtt.Client, *, timeout_s: float = CLOSE_TIMEOUT_S
     ) -> None:
         """Send DISCONNECT (so no will) and close, within ``timeout_s``; never raises."""
         try:
@@ -689,13 +532,6 @@ class MqttTransport:
                     self._stats.dropped,
                 )
 
-    def _fail(self, message: str, cause: BaseException | None) -> None:
-        self._failure = (message, cause)
-        # Callers see the failure raised (publish, messages()); no second report here.
-        self._log.debug("%s", message)
-        self._inbox.close(discard=False)
-        self._link_changed.set()
-
 
 def _disable_nagle(client: aiomqtt.Client) -> None:
     """Set TCP_NODELAY on the connection's socket; paho leaves Nagle's algorithm on.
@@ -711,31 +547,3 @@ def _disable_nagle(client: aiomqtt.Client) -> None:
     if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
         with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to do
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _MessageStream:
-    """The iterator `MqttTransport.messages` returns: one consumer at a time."""
-
-    def __init__(self, transport: MqttTransport) -> None:
-        self._transport = transport
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Received:
-        t = self._transport
-        if t._consuming:
-            raise RuntimeError(
-                f"MqttTransport {t.client_id!r}: messages() already has a consumer; "
-                "only one task may iterate at a time"
-            )
-        t._consuming = True
-        try:
-            item = await t._inbox.get()
-        finally:
-            t._consuming = False
-        if item is not None:
-            return item
-        if t._failure is not None and not t._closing:
-            raise t._connect_error()
-        raise StopAsyncIteration
