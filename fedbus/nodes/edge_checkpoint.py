@@ -26,9 +26,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from fedbus.errors import DecodeError
 from fedbus.messages import Tensor, tensors_from_arrays, tensors_to_arrays
-from fedbus.nodes.modelfile import atomic_write
+from fedbus.nodes.modelfile import atomic_write, read_versioned
 
 __all__ = ["EDGES_DIR", "KEEP", "EdgeCheckpoint", "EdgeCheckpoints", "read_edge_checkpoint"]
 
@@ -103,15 +102,8 @@ def read_edge_checkpoint(
         DecodeError: the file is not an edge checkpoint, or of another format.
     """
     path = directory / f"{edge}.msgpack"
-    try:
-        record = _decoder.decode(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        raise DecodeError(f"{path}: not a fedbus edge checkpoint: {exc}") from exc
-    if record.format != _FORMAT:
-        raise DecodeError(f"{path}: edge checkpoint format {record.format} is not supported")
-    if record.run != run or record.edge != edge:
+    record = read_versioned(path, _decoder, kind="edge checkpoint", version=_FORMAT)
+    if record is None or record.run != run or record.edge != edge:
         return None
     usable = [e for e in record.entries if e.top_round <= top_round]
     if not usable:

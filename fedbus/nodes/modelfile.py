@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 import numpy as np
@@ -37,6 +37,7 @@ __all__ = [
     "decode_model",
     "encode_model",
     "read_checkpoint",
+    "read_versioned",
     "sha256_hex",
     "write_checkpoint",
 ]
@@ -44,6 +45,14 @@ __all__ = [
 CHECKPOINT_FORMAT: Final = 1
 
 _Tensors = dict[str, Tensor]
+
+
+class _Versioned(Protocol):
+    @property
+    def format(self) -> int: ...
+
+
+_V = TypeVar("_V", bound=_Versioned)
 
 
 class _CheckpointFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,6 +109,29 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_versioned(
+    path: Path, decoder: msgspec.msgpack.Decoder[_V], *, kind: str, version: int
+) -> _V | None:
+    """The record in ``path`` decoded by ``decoder`` (None: no such file).
+
+    The read shared by the per-node checkpoint files (`fedbus.nodes.edge_checkpoint`,
+    `fedbus.nodes.peer_checkpoint`), where a missing file means "start fresh";
+    ``kind`` names the file in the errors.
+
+    Raises:
+        DecodeError: not such a file, or its ``format`` is not ``version``.
+    """
+    try:
+        record = decoder.decode(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise DecodeError(f"{path}: not a fedbus {kind}: {exc}") from exc
+    if record.format != version:
+        raise DecodeError(f"{path}: {kind} format {record.format} is not supported")
+    return record
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,9 +25,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from fedbus.errors import DecodeError
 from fedbus.messages import Tensor, tensors_from_arrays, tensors_to_arrays
-from fedbus.nodes.modelfile import atomic_write
+from fedbus.nodes.modelfile import atomic_write, read_versioned
 
 __all__ = ["PEERS_DIR", "PeerCheckpoint", "read_peer_checkpoint", "write_peer_checkpoint"]
 
@@ -75,15 +74,8 @@ def read_peer_checkpoint(directory: Path, peer: str, *, run: str) -> PeerCheckpo
         DecodeError: the file is not a peer checkpoint, or of another format.
     """
     path = directory / f"{peer}.msgpack"
-    try:
-        record = _decoder.decode(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        raise DecodeError(f"{path}: not a fedbus peer checkpoint: {exc}") from exc
-    if record.format != _FORMAT:
-        raise DecodeError(f"{path}: peer checkpoint format {record.format} is not supported")
-    if record.run != run or record.peer != peer:
+    record = read_versioned(path, _decoder, kind="peer checkpoint", version=_FORMAT)
+    if record is None or record.run != run or record.peer != peer:
         return None
     weights = {k: np.array(v) for k, v in tensors_to_arrays(record.weights).items()}
     return PeerCheckpoint(round=record.round, weights=weights)

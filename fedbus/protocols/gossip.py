@@ -85,7 +85,6 @@ from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_types import (
     Finish,
-    Reject,
     RejectReason,
     ScalarMap,
     Started,
@@ -98,7 +97,6 @@ from fedbus.protocols.gossip_defense import PeerDefense
 from fedbus.protocols.gossip_states import PEER_TRANSITIONS, PeerState
 from fedbus.protocols.gossip_sync import RejoinSync
 from fedbus.protocols.gossip_types import (
-    NOT_NEIGHBOUR,
     GossipConfig,
     NeighbourDropped,
     NeighbourJoined,
@@ -109,7 +107,12 @@ from fedbus.protocols.gossip_types import (
     RoundMixed,
     SendModel,
     apply_training,
+    checked_transition,
+    count_reject,
+    drain_rejected,
+    origin_problem,
     weights_problem,
+    weights_verdict,
 )
 from fedbus.protocols.mixing import metropolis_row, mix
 from fedbus.protocols.timed import DeadlineFirst
@@ -245,9 +248,7 @@ class GossipPeer(DeadlineFirst):
         raise LocalProtocolError(f"unknown event {event!r}")  # pragma: no cover
 
     def _set_state(self, state: PeerState) -> None:
-        if state not in self._allowed:  # pragma: no cover - a bug in this module
-            raise LocalProtocolError(f"internal: {self._state.name} -> {state.name} not allowed")
-        self._state = state
+        self._state = checked_transition(self._allowed, self._state, state)
 
     # --- neighbours ------------------------------------------------------------
 
@@ -341,9 +342,8 @@ class GossipPeer(DeadlineFirst):
             mixed = RoundMixed(
                 round=done, weights=self._weights, mixed_with=senders,
                 missing=(), coefficients=coefficients, mass=1.0, metrics={"synced": 1},
-                rejected=dict(sorted(self._rejected.items())),
+                rejected=drain_rejected(self._rejected),
             )  # fmt: skip
-            self._rejected.clear()
             return [*out, mixed, self._finish("(synced)")]
         start = max(self._round, done + 1, newest)
         return out + self._start_round(min(start, self.config.total_rounds))
@@ -369,8 +369,8 @@ class GossipPeer(DeadlineFirst):
     def _on_model(self, event: PeerModelReceived) -> list[Command]:
         reason, detail = self._classify(event)
         if reason:
-            self._rejected[reason] += 1
-            return [Reject(sender=event.sender, round=event.round, reason=reason, detail=detail)]
+            return [count_reject(self._rejected, sender=event.sender, round=event.round,
+                                 reason=reason, detail=detail)]  # fmt: skip
         self._active.add(event.sender)  # a model is as good as a NeighbourJoined
         self._gone.discard(event.sender)
         self._missed[event.sender] = 0
@@ -381,10 +381,9 @@ class GossipPeer(DeadlineFirst):
         return self._progress()
 
     def _classify(self, event: PeerModelReceived) -> tuple[str, str]:
-        if event.run != self.run:
-            return RejectReason.FOREIGN_RUN, ""
-        if event.sender not in self._degrees:
-            return NOT_NEIGHBOUR, ""
+        origin = origin_problem(event, run=self.run, senders=self._degrees)
+        if origin:
+            return origin, ""
         if self._state is PeerState.FINISHED:
             return RejectReason.STALE_ROUND, f"finished after round {self._completed}"
         open_now = self._state in (PeerState.TRAINING, PeerState.COLLECTING, PeerState.SYNCING)
@@ -403,8 +402,7 @@ class GossipPeer(DeadlineFirst):
                 RejectReason.INVALID,
                 f"degree {event.degree}, graph says {self._degrees[event.sender]}",
             )
-        problem = weights_problem(self._weights, event.weights)
-        return (RejectReason.INVALID, problem) if problem else ("", "")
+        return weights_verdict(self._weights, event.weights)
 
     # --- rounds ---------------------------------------------------------------------
 
@@ -418,9 +416,9 @@ class GossipPeer(DeadlineFirst):
                 if kept.round == round_:
                     self._inbox[sender] = kept
                 else:  # kept for a round we jumped over
-                    self._rejected[RejectReason.STALE_ROUND] += 1
-                    out.append(Reject(sender=sender, round=kept.round, reason=RejectReason.STALE_ROUND,
-                                      detail=f"jumped to round {round_}"))  # fmt: skip
+                    out.append(count_reject(self._rejected, sender=sender, round=kept.round,
+                                            reason=RejectReason.STALE_ROUND,
+                                            detail=f"jumped to round {round_}"))  # fmt: skip
         if round_ > self.config.rounds:  # the consensus phase: mix only
             self._metrics = {"mixing_only": 1}
             return out + self._send_and_collect(dict(self._weights))
@@ -494,10 +492,9 @@ class GossipPeer(DeadlineFirst):
             RoundMixed(
                 round=self._round, weights=self._weights, mixed_with=tuple(sorted(map(NodeId, models))),
                 missing=missing, coefficients=row, mass=1.0,
-                metrics=self._metrics, rejected=dict(sorted(self._rejected.items())),
+                metrics=self._metrics, rejected=drain_rejected(self._rejected),
             )
         )  # fmt: skip
-        self._rejected.clear()
         self._inbox.clear()
         self._completed = self._round
         if self._completed >= self.config.total_rounds:
@@ -518,8 +515,8 @@ class GossipPeer(DeadlineFirst):
         out: list[Command] = []
         for sender, reason in sorted(verdicts.items()):
             del models[sender]
-            self._rejected[reason] += 1
-            out.append(Reject(sender=NodeId(sender), round=self._round, reason=reason))
+            out.append(count_reject(self._rejected, sender=NodeId(sender), round=self._round,
+                                    reason=reason))  # fmt: skip
         return out
 
     def _mix(self, models: Mapping[str, Arrays]) -> tuple[dict[str, Any], dict[str, float]]:

@@ -62,7 +62,6 @@ from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event, legal_targets
 from fedbus.protocols.fedavg_types import (
     Finish,
-    Reject,
     RejectReason,
     ScalarMap,
     Started,
@@ -72,7 +71,6 @@ from fedbus.protocols.fedavg_types import (
     TrainingFailed,
 )
 from fedbus.protocols.gossip_types import (
-    NOT_NEIGHBOUR,
     GossipConfig,
     NeighbourDropped,
     NeighbourJoined,
@@ -81,7 +79,11 @@ from fedbus.protocols.gossip_types import (
     RoundMixed,
     SendModel,
     apply_training,
-    weights_problem,
+    checked_transition,
+    count_reject,
+    drain_rejected,
+    origin_problem,
+    weights_verdict,
 )
 from fedbus.protocols.mixing import push_sum_share
 from fedbus.protocols.timed import DeadlineFirst
@@ -223,9 +225,7 @@ class PushSumPeer(DeadlineFirst):
         raise LocalProtocolError(f"unknown event {event!r}")  # pragma: no cover
 
     def _set_state(self, state: PushSumState) -> None:
-        if state not in self._allowed:  # pragma: no cover - a bug in this module
-            raise LocalProtocolError(f"internal: {self._state.name} -> {state.name} not allowed")
-        self._state = state
+        self._state = checked_transition(self._allowed, self._state, state)
 
     def _drop(self, node: NodeId, reason: str) -> list[Command]:
         if node not in self._active or self._state is PushSumState.FINISHED:
@@ -238,8 +238,8 @@ class PushSumPeer(DeadlineFirst):
     def _on_share(self, event: PeerModelReceived) -> list[Command]:
         reason, detail = self._classify(event)
         if reason:
-            self._rejected[reason] += 1
-            return [Reject(sender=event.sender, round=event.round, reason=reason, detail=detail)]
+            return [count_reject(self._rejected, sender=event.sender, round=event.round,
+                                 reason=reason, detail=detail)]  # fmt: skip
         seen = self._seen.setdefault(event.sender, set())
         seen.add(event.round)
         newest = max(seen)
@@ -254,10 +254,9 @@ class PushSumPeer(DeadlineFirst):
         return []
 
     def _classify(self, event: PeerModelReceived) -> tuple[str, str]:
-        if event.run != self.run:
-            return RejectReason.FOREIGN_RUN, ""
-        if event.sender not in self._in:
-            return NOT_NEIGHBOUR, ""
+        origin = origin_problem(event, run=self.run, senders=self._in)
+        if origin:
+            return origin, ""
         seen = self._seen.get(event.sender, set())
         if event.round in seen:
             return RejectReason.DUPLICATE, ""
@@ -265,8 +264,7 @@ class PushSumPeer(DeadlineFirst):
             return RejectReason.STALE_ROUND, "older than the duplicate window"
         if not (math.isfinite(event.mass) and event.mass > 0.0):
             return RejectReason.INVALID, f"mass {event.mass!r}"
-        problem = weights_problem(self._like, event.weights)
-        return (RejectReason.INVALID, problem) if problem else ("", "")
+        return weights_verdict(self._like, event.weights)
 
     # --- steps -----------------------------------------------------------------
 
@@ -318,11 +316,10 @@ class PushSumPeer(DeadlineFirst):
             RoundMixed(
                 round=self._step, weights=self.weights, mixed_with=tuple(sorted(self._heard)),
                 missing=(), coefficients={}, mass=self._w, metrics=self._metrics,
-                rejected=dict(sorted(self._rejected.items())),
+                rejected=drain_rejected(self._rejected),
             )
         )  # fmt: skip
         self._heard.clear()
-        self._rejected.clear()
         if self._step >= self.config.rounds:
             self._set_state(PushSumState.FINISHED)
             self._deadline = None

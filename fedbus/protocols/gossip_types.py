@@ -8,18 +8,20 @@ peers also reuse FedAvg's generic events and commands: `Started`, `Tick`,
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import numpy as np
 
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import DELTA, DENSE, Arrays
-from fedbus.errors import ConfigError
+from fedbus.errors import ConfigError, LocalProtocolError
 from fedbus.protocols.base import Command, Event
-from fedbus.protocols.fedavg_types import ScalarMap
+from fedbus.protocols.fedavg_types import Reject, RejectReason, ScalarMap
 
 __all__ = [
     "NOT_NEIGHBOUR",
@@ -33,8 +35,15 @@ __all__ = [
     "RoundMixed",
     "SendModel",
     "apply_training",
+    "checked_transition",
+    "count_reject",
+    "drain_rejected",
+    "origin_problem",
     "weights_problem",
+    "weights_verdict",
 ]
+
+_St = TypeVar("_St", bound=enum.Enum)
 
 NOT_NEIGHBOUR: Final = "not_neighbour"
 """Reject reason: a model from a node that is not one of ours (in-neighbours for push-sum)."""
@@ -286,3 +295,51 @@ def apply_training(current: Arrays, done_weights: Arrays, encoding: str) -> dict
         )
         for k, v in current.items()
     }
+
+
+def weights_verdict(reference: Arrays, weights: Arrays) -> tuple[str, str]:
+    """``(reason, detail)`` for `weights_problem`: ``(INVALID, why)``, or ``("", "")`` if usable.
+
+    The last check of both peers' ``_classify``, in the shape they return.
+    """
+    problem = weights_problem(reference, weights)
+    return (RejectReason.INVALID, problem) if problem else ("", "")
+
+
+def origin_problem(event: PeerModelReceived, *, run: RunId, senders: Collection[NodeId]) -> str:
+    """The reject reason for a model of another run or from outside ``senders`` ('' if neither).
+
+    The first checks of both peers' ``_classify``: ``senders`` is the
+    neighbours (synchronous) or the in-neighbours (push-sum).
+    """
+    if event.run != run:
+        return RejectReason.FOREIGN_RUN
+    if event.sender not in senders:
+        return NOT_NEIGHBOUR
+    return ""
+
+
+def count_reject(
+    counts: Counter[str], *, sender: NodeId, round: int, reason: str, detail: str = ""
+) -> Reject:
+    """Count a refusal by ``reason`` (for the next `RoundMixed`) and return its `Reject`."""
+    counts[reason] += 1
+    return Reject(sender=sender, round=round, reason=reason, detail=detail)
+
+
+def drain_rejected(counts: Counter[str]) -> dict[str, int]:
+    """``counts`` sorted by reason for `RoundMixed.rejected`, then cleared: each is reported once."""
+    rejected = dict(sorted(counts.items()))
+    counts.clear()
+    return rejected
+
+
+def checked_transition(allowed: frozenset[_St], current: _St, target: _St) -> _St:
+    """``target`` if the transition-table entry ``allowed`` permits it from ``current``.
+
+    Raises:
+        LocalProtocolError: it does not: a bug in the machine itself.
+    """
+    if target not in allowed:  # pragma: no cover - a bug in the calling machine
+        raise LocalProtocolError(f"internal: {current.name} -> {target.name} not allowed")
+    return target
