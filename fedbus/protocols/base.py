@@ -25,7 +25,13 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from fedbus.errors import LocalProtocolError
 
-__all__ = ["Command", "Event", "Machine", "legal_targets"]
+__all__ = [
+    "Command",
+    "Event",
+    "Machine",
+    "checked_transition",
+    "legal_targets",
+]
 
 _S = TypeVar("_S", bound=enum.Enum)
 _T = TypeVar("_T")
@@ -77,3 +83,14 @@ def legal_targets(table: Mapping[_S, Mapping[type[Event], _T]], state: _S, event
     if targets is None:
         raise LocalProtocolError(f"{type(event).__name__} is illegal in state {state.name}")
     return targets
+
+
+def checked_transition(allowed: frozenset[_S], current: _S, target: _S) -> _S:
+    """``target`` if the transition-table entry ``allowed`` permits it from ``current``.
+
+    Raises:
+        LocalProtocolError: it does not: a bug in the machine itself.
+    """
+    if target not in allowed:  # pragma: no cover - a bug in the calling machine
+        raise LocalProtocolError(f"internal: {current.name} -> {target.name} not allowed")
+    return target

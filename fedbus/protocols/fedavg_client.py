@@ -49,7 +49,7 @@ import math
 
 from fedbus._types import RunId
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event, legal_targets
+from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_types import (
     ASYNC_KEY,
     EVALUATE_KEY,
@@ -168,9 +168,7 @@ class FedAvgClient:
             raise
 
     def _set_state(self, state: ClientState) -> None:
-        if state not in self._allowed:  # pragma: no cover - a bug in this module
-            raise LocalProtocolError(f"internal: {self._state.name} -> {state.name} not allowed")
-        self._state = state
+        self._state = checked_transition(self._allowed, self._state, state)
 
     def _dispatch(self, event: Event) -> list[Command]:
         match event:

@@ -79,7 +79,7 @@ from fedbus.aggregation import (
     broadcast_extras,
 )
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event, legal_targets
+from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_server_states import TRANSITIONS, ServerState
 from fedbus.protocols.fedavg_types import (
     EVALUATE_KEY,
@@ -240,9 +240,7 @@ class FedAvgServer(DeadlineFirst):
         raise LocalProtocolError(f"unknown event {event!r}")  # pragma: no cover
 
     def _set_state(self, state: ServerState) -> None:
-        if state not in self._allowed:  # pragma: no cover - a bug in this module
-            raise LocalProtocolError(f"internal: {self._state.name} -> {state.name} not allowed")
-        self._state = state
+        self._state = checked_transition(self._allowed, self._state, state)
 
     def _expired(self) -> bool:
         return self._deadline is not None and self._now >= self._deadline

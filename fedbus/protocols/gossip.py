@@ -82,7 +82,7 @@ import numpy as np
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Arrays
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event, legal_targets
+from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_types import (
     Finish,
     RejectReason,
@@ -107,7 +107,6 @@ from fedbus.protocols.gossip_types import (
     RoundMixed,
     SendModel,
     apply_training,
-    checked_transition,
     count_reject,
     drain_rejected,
     origin_problem,

@@ -59,7 +59,7 @@ import numpy as np
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Arrays, cast_like
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event, legal_targets
+from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_types import (
     Finish,
     RejectReason,
@@ -79,7 +79,6 @@ from fedbus.protocols.gossip_types import (
     RoundMixed,
     SendModel,
     apply_training,
-    checked_transition,
     count_reject,
     drain_rejected,
     origin_problem,

@@ -8,18 +8,17 @@ peers also reuse FedAvg's generic events and commands: `Started`, `Tick`,
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 import numpy as np
 
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import DELTA, DENSE, Arrays
-from fedbus.errors import ConfigError, LocalProtocolError
+from fedbus.errors import ConfigError
 from fedbus.protocols.base import Command, Event
 from fedbus.protocols.fedavg_types import Reject, RejectReason, ScalarMap
 
@@ -35,7 +34,6 @@ __all__ = [
     "RoundMixed",
     "SendModel",
     "apply_training",
-    "checked_transition",
     "count_reject",
     "drain_rejected",
     "origin_problem",
@@ -43,7 +41,6 @@ __all__ = [
     "weights_verdict",
 ]
 
-_St = TypeVar("_St", bound=enum.Enum)
 
 NOT_NEIGHBOUR: Final = "not_neighbour"
 """Reject reason: a model from a node that is not one of ours (in-neighbours for push-sum)."""
@@ -332,14 +329,3 @@ def drain_rejected(counts: Counter[str]) -> dict[str, int]:
     rejected = dict(sorted(counts.items()))
     counts.clear()
     return rejected
-
-
-def checked_transition(allowed: frozenset[_St], current: _St, target: _St) -> _St:
-    """``target`` if the transition-table entry ``allowed`` permits it from ``current``.
-
-    Raises:
-        LocalProtocolError: it does not: a bug in the machine itself.
-    """
-    if target not in allowed:  # pragma: no cover - a bug in the calling machine
-        raise LocalProtocolError(f"internal: {current.name} -> {target.name} not allowed")
-    return target

@@ -84,7 +84,7 @@ from collections.abc import Mapping, Sequence
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Aggregator, FedAvg, Validator
 from fedbus.errors import LocalProtocolError
-from fedbus.protocols.base import Command, Event, legal_targets
+from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_server import FedAvgServer
 from fedbus.protocols.fedavg_types import (
     EVALUATE_KEY,
@@ -227,9 +227,7 @@ class EdgeAggregator:
             raise
 
     def _set_state(self, state: EdgeState) -> None:
-        if state not in self._allowed:  # pragma: no cover - a bug in this module
-            raise LocalProtocolError(f"internal: {self._state.name} -> {state.name} not allowed")
-        self._state = state
+        self._state = checked_transition(self._allowed, self._state, state)
 
     # --- dispatch ------------------------------------------------------------
 
