@@ -20,7 +20,13 @@ The outlier checks estimate centre and spread robustly by default (median,
 1.4826 * MAD): with a classical mean and standard deviation, a coalition of
 20% identical outliers caps its own z-score at sqrt(0.8 / 0.2) = 2 and a
 3-sigma rule never fires. Every check is a deterministic function of the
-sorted round (plus, for ``previous``, the last global model seen).
+sorted round (plus, for ``previous``, the last global model seen, and for
+the gate's ``history``, each sender's running score).
+
+State across rounds that a resumed run should keep (the gate's history) is
+exposed by `validator_state` and `load_validator_state` as named arrays,
+like an aggregator's `state_dict`. Today's server checkpoint stores the
+aggregator's state only; wiring these two into it is the server's part.
 """
 
 from __future__ import annotations
@@ -29,10 +35,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from fedbus.aggregation._util import F64, check_updates, delta_vectors, flatten, float_param
 from fedbus.aggregation.accuracy_gate import AccuracyGate
-from fedbus.aggregation.base import Arrays, ClientUpdate, Validator, sorted_updates
+from fedbus.aggregation.base import (
+    AggregationError,
+    Arrays,
+    ClientUpdate,
+    Validator,
+    sorted_updates,
+)
 from fedbus.errors import ConfigError
 
 __all__ = [
@@ -41,8 +54,10 @@ __all__ = [
     "CosineOutlier",
     "NormOutlier",
     "ValidatorChain",
+    "load_validator_state",
     "make_validator",
     "make_validators",
+    "validator_state",
 ]
 
 _PATH = "protocol.validators"
@@ -231,6 +246,52 @@ class ValidatorChain:
                 out.setdefault(sender, verdicts[sender])
             remaining = [u for u in remaining if u.sender not in verdicts]
         return out
+
+    def state_dict(self) -> dict[str, npt.NDArray[Any]]:
+        """The chained validators' state (`validator_state`)."""
+        return validator_state(self.validators)
+
+    def load_state_dict(self, state: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Restore what `state_dict` saved (`load_validator_state`)."""
+        load_validator_state(self.validators, state)
+
+
+def validator_state(validators: Sequence[Validator]) -> dict[str, npt.NDArray[Any]]:
+    """``<index>/<key>`` -> array for each validator in the list that keeps state.
+
+    A validator keeps state when it has ``state_dict`` (the gate's history);
+    the index is its position in ``protocol.validators``, so a checkpoint
+    restores into the same list built from the same topology.
+    """
+    out: dict[str, npt.NDArray[Any]] = {}
+    for i, validator in enumerate(validators):
+        save = getattr(validator, "state_dict", None)
+        if callable(save):
+            out.update({f"{i}/{key}": value for key, value in save().items()})
+    return out
+
+
+def load_validator_state(
+    validators: Sequence[Validator], state: Mapping[str, npt.NDArray[Any]]
+) -> None:
+    """Give each validator its part of a `validator_state` mapping.
+
+    Raises:
+        AggregationError: a key names no stateful validator of the list.
+    """
+    parts: dict[int, dict[str, npt.NDArray[Any]]] = {}
+    for key, value in state.items():
+        index, _, rest = key.partition("/")
+        i = int(index) if index.isdigit() else -1
+        if not 0 <= i < len(validators) or not callable(
+            getattr(validators[i], "load_state_dict", None)
+        ):
+            raise AggregationError(f"validator state {key!r} names no stateful validator")
+        parts.setdefault(i, {})[rest] = value
+    for i, validator in enumerate(validators):
+        load = getattr(validator, "load_state_dict", None)
+        if callable(load):
+            load(parts.get(i, {}))
 
 
 VALIDATORS: dict[str, Callable[..., Validator]] = {

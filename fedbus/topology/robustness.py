@@ -48,14 +48,16 @@ _ACCURACY: Final = "validation_accuracy"
 DEFAULT_ROBUST_VALIDATORS: Final[tuple[Mapping[str, Any], ...]] = (
     MappingProxyType({"kind": "norm_outlier"}),
     MappingProxyType({"kind": "cosine_outlier", "reference": "median"}),
-    MappingProxyType({"kind": _ACCURACY, "validation_fraction": 0.5}),
+    MappingProxyType({"kind": _ACCURACY, "validation_fraction": 0.5, "history": 1.5}),
 )
 """The ``protocol.validators`` that docs/robustness.md measures as the default robust
 configuration (with ``aggregator: fedavg``). The statistics checks stop model
 poisoning; the validation gate recovers most of what label flipping costs
 (flippers look honest to update statistics), and needs a validation set of
 half the held-out split to see it: with 10%, a flipped class may have one or
-two validation examples. Not applied unless a topology asks for it.
+two validation examples. ``history`` lets the gate judge each client on its
+running mean score over the rounds, not on one noisy round. Not applied
+unless a topology asks for it.
 """
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedbus.aggregation import AccuracyGate, ClientUpdate, make_validators
+from fedbus.aggregation import AccuracyGate, AggregationError, ClientUpdate, make_validators
 from fedbus.attacks import flip_labels, sign_flip
 from fedbus.errors import ConfigError
 from fedbus.learning import FitConfig, fit_seed, init_seed, make_trainer
@@ -109,3 +109,97 @@ def test_gate_rules_and_parameters() -> None:
     with pytest.raises(ConfigError) as info:
         make_validators([{"kind": "validation_accuracy", "evaluate": evaluate, "mode": "x"}])
     assert info.value.path == "protocol.validators[0].mode"
+
+
+# -- history: evidence over rounds -------------------------------------------------------
+
+
+def _linear(weights: Any) -> Any:
+    """Loss = the weight itself: a marginal score is the update's value over n (n = 12 here)."""
+    w = float(np.asarray(weights["w"])[0])
+    return type("R", (), {"accuracy": 0.5, "loss": w})()
+
+
+HONEST = [f"h{i:02d}" for i in range(10)]
+
+
+def _history_round(rnd: int) -> list[ClientUpdate]:
+    """One round: ten honest clients, a noisy honest one and a consistent flipper.
+
+    The honest clients have persistent non-IID biases (-0.5..0.5) plus round
+    noise; ``noisy`` is honest, usually helps a lot and hurts every third
+    round; ``flip`` always hurts, by a bit more than the honest tail.
+    """
+    rng = np.random.default_rng(rnd)
+    scores = {
+        c: b + rng.normal(0.0, 0.5) for c, b in zip(HONEST, np.linspace(-0.5, 0.5, 10), strict=True)
+    }
+    scores["noisy"] = 2.0 if rnd % 3 == 0 else -3.0
+    scores["flip"] = 1.2 + rng.normal(0.0, 0.3)
+    return [
+        ClientUpdate(sender=c, weights={"w": np.array([v])}, num_examples=1)
+        for c, v in scores.items()
+    ]
+
+
+def _verdicts(gate: AccuracyGate, rounds: range) -> list[dict[str, str]]:
+    g = {"w": np.array([0.0])}
+    return [gate.validate(g, _history_round(r), round=r) for r in rounds]
+
+
+def test_history_rejects_a_consistent_flipper_and_spares_a_noisy_honest_client() -> None:
+    rounds = range(1, 21)
+    # Per round only: the flipper slips through in some rounds, and the noisy client
+    # is rejected in every round it hurts.
+    plain = _verdicts(AccuracyGate(_linear), rounds)
+    assert any("flip" not in v for v in plain)
+    assert [r for r, v in zip(rounds, plain, strict=True) if "noisy" in v] == list(rounds[2::3])
+    # With history: the flipper goes in every round, the noisy client (its mean below
+    # the round's median) in none, and no more honest updates go than before.
+    gate = AccuracyGate(_linear, history=1.5, history_min_rounds=3)
+    verdicts = _verdicts(gate, rounds)
+    assert all("flip" in v for v in verdicts)
+    assert not any("noisy" in v for v in verdicts)
+
+    def honest(run: list[dict[str, str]]) -> int:
+        return sum(len(set(v) & set(HONEST)) for v in run)
+
+    assert honest(verdicts) <= honest(plain)
+    assert gate.last_history["flip"] > 1.5 > max(gate.last_history[c] for c in HONEST)
+    assert gate.last_history["noisy"] < 0
+
+
+def test_history_is_order_independent_and_survives_a_checkpoint() -> None:
+    g = {"w": np.array([0.0])}
+    ordered = AccuracyGate(_linear, history=1.5)
+    shuffled = AccuracyGate(_linear, history=1.5)
+    rng = np.random.default_rng(7)
+    for rnd in range(1, 7):
+        ups = _history_round(rnd)
+        mixed = [ups[i] for i in rng.permutation(len(ups))]
+        assert ordered.validate(g, ups, round=rnd) == shuffled.validate(g, mixed, round=rnd)
+    state = ordered.state_dict()
+    assert state.keys() == shuffled.state_dict().keys()
+    assert all(np.array_equal(v, shuffled.state_dict()[k]) for k, v in state.items())
+    assert state["history/flip"][1] == 6.0
+    # A gate restored from the state decides the next rounds as the original does; a
+    # fresh gate, knowing nothing of the noisy client, rejects it when it next hurts.
+    restored = AccuracyGate(_linear, history=1.5)
+    restored.load_state_dict(state)
+    later = range(9, 11)
+    expected = _verdicts(ordered, later)
+    assert _verdicts(restored, later) == expected
+    assert "noisy" not in expected[0]
+    assert "noisy" in _verdicts(AccuracyGate(_linear, history=1.5), later)[0]
+    with pytest.raises(AggregationError, match="unexpected entry"):
+        restored.load_state_dict({"control/w": np.zeros(2)})
+
+
+def test_history_parameters_are_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        make_validators([{"kind": "validation_accuracy", "evaluate": _linear, "history": 0}])
+    assert info.value.path == "protocol.validators[0].history"
+    with pytest.raises(ConfigError, match="marginal"):
+        AccuracyGate(_linear, mode="full", history=1.5)
+    with pytest.raises(ConfigError):
+        AccuracyGate(_linear, history=1.5, history_min_rounds=0)

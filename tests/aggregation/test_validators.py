@@ -111,3 +111,35 @@ def test_outlier_checks_reject_non_finite_updates_and_keep_their_statistics(
     assert set(validator.validate(g, ups, round=1)) == {"nan", "boost"}
     all_bad = [up("a", [bad, 0, 0]), up("b", [0, bad, 0]), up("c", [bad] * 3)]
     assert set(make().validate(g, all_bad, round=1)) == {"a", "b", "c"}
+
+
+def test_validator_state_covers_the_stateful_validators_of_a_list() -> None:
+    from fedbus.aggregation import AggregationError
+    from fedbus.aggregation.validators import load_validator_state, validator_state
+
+    def loss(weights: Any) -> Any:  # the marginal score is the first coordinate
+        return type("R", (), {"accuracy": 0.5, "loss": float(np.asarray(weights["w"])[0])})()
+
+    def build() -> list[Any]:
+        return make_validators([{"kind": "norm_outlier"},
+                                {"kind": "validation_accuracy", "evaluate": loss, "history": 1.5}])  # fmt: skip
+
+    g = {"w": np.zeros(3)}
+    first = build()
+    chain = ValidatorChain(first)
+    for rnd in range(1, 4):
+        chain.validate(g, [*honest(8, seed=rnd), up("x", [1.1, 0.9, 0.0])], round=rnd)
+    state = chain.state_dict()
+    assert state.keys() == validator_state(first).keys()
+    assert len(state) == 9  # the gate's nine senders; norm_outlier keeps nothing
+    assert all(k.startswith("1/history/") for k in state)
+    assert np.array_equal(state["1/history/x"][1:], [3.0])
+    again = build()
+    load_validator_state(again, state)
+    assert validator_state(again).keys() == state.keys()
+    assert all(np.array_equal(validator_state(again)[k], v) for k, v in state.items())
+    round4 = [*honest(8, seed=4), up("x", [1.1, 0.9, 0.0])]
+    assert ValidatorChain(again).validate(g, round4, round=4) == chain.validate(g, round4, round=4)
+    for bad in ({"0/history/x": np.zeros(2)}, {"7/history/x": np.zeros(2)}, {"x": np.zeros(2)}):
+        with pytest.raises(AggregationError, match="no stateful validator"):
+            load_validator_state(build(), bad)
