@@ -13,6 +13,7 @@ Subcommands::
     .venv/bin/python benchmarks/bench_fedavg.py overhead --quick     # 200 clients, 1 run
     .venv/bin/python benchmarks/bench_fedavg.py startup              # quickstart: start to round 1
     .venv/bin/python benchmarks/bench_fedavg.py faults               # 30 rounds, ~3 min
+    .venv/bin/python benchmarks/bench_fedavg.py faults --aggregator mifa   # + MIFA, ~3 min more
 
 * ``accuracy``: digits, 20 clients, Dirichlet(0.5), MLP 64-32-10, all
   clients per round, E=1, B=16, lr 0.05, 30 rounds through the embedded
@@ -40,7 +41,9 @@ Subcommands::
   round_timeout_s 5, dropout 0.3, 3 clients crashed at round 2, against the
   same run without faults (same seed, same rounds), both through mosquitto:
   every faulty round closes at its deadline with the rest, and the final
-  accuracy stays within 2 points.
+  accuracy stays within 2 points. ``--aggregator SPEC`` (repeatable) adds
+  the faulty run and the fault-free run with that ``protocol.aggregator``
+  (e.g. ``mifa``), judged against the fault-free FedAvg run.
 """
 
 from __future__ import annotations
@@ -276,6 +279,26 @@ def startup(args: argparse.Namespace, work: Path) -> None:
 # -- faults --------------------------------------------------------------------------------
 
 
+def _with_aggregator(text: str, spec: str) -> str:
+    """The DIGITS topology with ``protocol.aggregator: SPEC`` (YAML text) added."""
+    return text.replace("  kind: centralized\n", f"  kind: centralized\n  aggregator: {spec}\n", 1)
+
+
+def _deadlines(result: RunResult, rounds: int) -> tuple[bool, str]:
+    """Whether every faulty round closed at its deadline with >= 8 updates, and a summary."""
+    rows = result.rows
+    at_deadline = [r for r in rows if r["dropped"] > 0]
+    deadline_ok = all(4.9 <= r["wall_s"] <= 6.5 for r in at_deadline)
+    quorum_ok = all(r["participants"] >= 8 for r in rows) and len(rows) == rounds
+    parts = [r["participants"] for r in rows] or [0]
+    walls = [r["wall_s"] for r in at_deadline] or [float("nan")]
+    line = (f"{len(rows)} rounds, participants min {min(parts)} median "
+            f"{_med([float(p) for p in parts]):.0f} max {max(parts)}; rounds with drops "
+            f"{len(at_deadline)}, their wall_s {min(walls):.2f}-{max(walls):.2f} s; attempts > 1: "
+            f"{sum(r['attempt'] > 1 for r in rows)}")  # fmt: skip
+    return deadline_ok and quorum_ok, line
+
+
 def faults(args: argparse.Namespace, work: Path) -> None:
     rounds = args.fault_rounds
     print(f"## faults: digits, 20 clients all selected, min_clients 8, round_timeout_s 5, "
@@ -286,26 +309,45 @@ def faults(args: argparse.Namespace, work: Path) -> None:
     faulty = _check(run_fedbus(DIGITS.format(name="bench-faults", faults=FAULTS, **common),
                                work / "faulty"), "faults")  # fmt: skip
     rows = faulty.rows
-    at_deadline = [r for r in rows if r["dropped"] > 0]
-    deadline_ok = all(4.9 <= r["wall_s"] <= 6.5 for r in at_deadline)
-    quorum_ok = all(r["participants"] >= 8 for r in rows) and len(rows) == rounds
-    parts = [r["participants"] for r in rows]
+    faulty_ok, line = _deadlines(faulty, rounds)
     diff = faulty.final_accuracy - clean.final_accuracy
-    print(f"faulty run: {len(rows)} rounds, participants min {min(parts)} median "
-          f"{_med([float(p) for p in parts]):.0f} max {max(parts)}; rounds with drops "
-          f"{len(at_deadline)}, their wall_s {min(r['wall_s'] for r in at_deadline):.2f}-"
-          f"{max(r['wall_s'] for r in at_deadline):.2f} s; attempts > 1: "
-          f"{sum(r['attempt'] > 1 for r in rows)}\n")  # fmt: skip
+    print(f"faulty run: {line}\n")
     _table(
         ["", "with faults", "fault-free", "difference", "target", "verdict"],
         [
             ["final accuracy", f"{faulty.final_accuracy:.4f}", f"{clean.final_accuracy:.4f}",
              f"{diff * 100:+.2f} points", "within 2 points", _verdict(abs(diff) <= 0.02)],
-            ["rounds closed at the deadline with >= 8", f"{len(at_deadline)} of {len(rows)}",
-             "", "", "every round", _verdict(deadline_ok and quorum_ok)],
+            ["rounds closed at the deadline with >= 8",
+             f"{sum(r['dropped'] > 0 for r in rows)} of {len(rows)}", "", "", "every round",
+             _verdict(faulty_ok)],
             ["run time, s", f"{faulty.wall_s:.1f}", f"{clean.wall_s:.1f}", "", "", ""],
         ],
     )  # fmt: skip
+    # The same faults with other aggregators (--aggregator); fault-free FedAvg stays the yardstick.
+    table = []
+    for i, spec in enumerate(args.aggregator or []):
+        alone = _check(run_fedbus(_with_aggregator(DIGITS.format(name=f"bench-clean-agg{i}",
+                                                                 faults="", **common), spec),
+                                  work / f"clean-agg{i}"), f"fault-free, {spec}")  # fmt: skip
+        hit = _check(run_fedbus(_with_aggregator(DIGITS.format(name=f"bench-faults-agg{i}",
+                                                               faults=FAULTS, **common), spec),
+                                work / f"faulty-agg{i}"), f"faults, {spec}")  # fmt: skip
+        ok, line = _deadlines(hit, rounds)
+        print(f"faulty run, aggregator {spec}: {line}", flush=True)
+        vs_fedavg = hit.final_accuracy - clean.final_accuracy
+        vs_own = hit.final_accuracy - alone.final_accuracy
+        table.append([f"`{spec}`", f"{hit.final_accuracy:.4f}", f"{vs_fedavg * 100:+.2f} points",
+                      _verdict(vs_fedavg >= -0.02), f"{alone.final_accuracy:.4f}",
+                      f"{vs_own * 100:+.2f} points", _verdict(ok)])  # fmt: skip
+    if table:
+        print()
+        _table(
+            ["aggregator", "with faults", "vs fault-free FedAvg", "at most 2 points below",
+             "same aggregator fault-free", "cost of the faults", "every round at its deadline"],
+            [["`fedavg`", f"{faulty.final_accuracy:.4f}", f"{diff * 100:+.2f} points",
+              _verdict(diff >= -0.02), f"{clean.final_accuracy:.4f}", f"{diff * 100:+.2f} points",
+              _verdict(faulty_ok)], *table],
+        )  # fmt: skip
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
@@ -325,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="overhead rounds per run")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs (overhead, startup)")
     parser.add_argument("--fault-rounds", type=int, default=30)
+    parser.add_argument(
+        "--aggregator", action="append", metavar="SPEC",
+        help="faults: also run this protocol.aggregator (YAML, e.g. mifa or "
+        "'{kind: mifa, server_lr: 1.5}') with and without the faults; repeatable",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="overhead: 200 clients, 1 run")
     parser.add_argument("--keep", metavar="DIR", help="keep run folders here")
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ from fedbus.aggregation.fednova import FedNova, QFedAvg
 from fedbus.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedbus.aggregation.krum import Bulyan, Krum, MultiKrum
 from fedbus.aggregation.mean import FedAvg, weighted_sum
+from fedbus.aggregation.mifa import Mifa
 from fedbus.aggregation.registry import AGGREGATORS, make_aggregator, register_aggregator
 from fedbus.aggregation.robust import CoordinateMedian, GeometricMedian, TrimmedMean
 from fedbus.aggregation.scaffold import Scaffold
@@ -58,6 +59,7 @@ __all__ = [
     "FedYogi",
     "GeometricMedian",
     "Krum",
+    "Mifa",
     "MultiKrum",
     "NormClipping",
     "NormOutlier",

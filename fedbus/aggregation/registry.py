@@ -24,6 +24,7 @@ from fedbus.aggregation.fednova import FedNova, QFedAvg
 from fedbus.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedbus.aggregation.krum import Bulyan, Krum, MultiKrum
 from fedbus.aggregation.mean import FedAvg
+from fedbus.aggregation.mifa import Mifa
 from fedbus.aggregation.robust import CoordinateMedian, GeometricMedian, TrimmedMean
 from fedbus.aggregation.scaffold import Scaffold
 from fedbus.errors import ConfigError
@@ -59,6 +60,7 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
     "geometric_median": GeometricMedian,
     "krum": Krum,
     "median": CoordinateMedian,
+    "mifa": Mifa,
     "multi_krum": MultiKrum,
     "norm_clipping": _with_inner(NormClipping),
     "qfedavg": QFedAvg,

@@ -43,6 +43,8 @@ SPECS: list[Any] = [
     "fedadagrad",
     "fednova",
     "qfedavg",
+    "mifa",
+    {"kind": "mifa", "max_staleness": 0, "server_lr": 0.5, "weighting": "uniform"},
 ]
 
 
