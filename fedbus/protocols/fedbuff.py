@@ -57,7 +57,9 @@ Rules and invariants:
   names a version above every earlier one, except the re-send of the current
   version to a node that joins mid-run (``selected`` is that node alone);
 - an update is aggregated at most once: updates are deduplicated by message
-  id and by (sender, version); the buffer is emptied by each aggregation;
+  id and by (sender, version), remembered while that version can still be
+  accepted (a redelivery on an older one is stale anyway), so the memory
+  stays bounded over a long run; the buffer is emptied by each aggregation;
 - an update is refused (`Reject`) when it names another run
   (``foreign_run``), a version not yet published (``future_round``), a
   staleness above ``max_staleness`` (``stale_round``: its base model is no
@@ -147,8 +149,10 @@ class FedBuffServer(DeadlineFirst):
         self._state = FedBuffState.IDLE
         self._live: set[NodeId] = set()
         self._buffer: list[Buffered] = []
-        self._seen_ids: set[str] = set()
-        self._seen_pairs: set[tuple[NodeId, int]] = set()
+        # Accepted message ids and senders by the version they were trained on:
+        # kept only while that version can still be accepted (pruned with
+        # `_history`), so a long asynchronous run does not grow without bound.
+        self._seen: dict[int, tuple[set[str], set[NodeId]]] = {}
         self._now = -float("inf")
         self._deadline: float | None = None
         self._first_wait = True  # no update accepted yet in this session
@@ -245,9 +249,10 @@ class FedBuffServer(DeadlineFirst):
         reason, detail = self._classify(event)
         if reason:
             return self._reject(event, reason, detail)
+        ids, senders = self._seen.setdefault(event.round, (set(), set()))
         if event.update_id:
-            self._seen_ids.add(event.update_id)
-        self._seen_pairs.add((event.sender, event.round))
+            ids.add(event.update_id)
+        senders.add(event.sender)
         self._buffer.append(buffered(event, self._history[event.round]))
         self._first_wait = False
         self._deadline = self._now + self.config.round_timeout_s
@@ -268,13 +273,22 @@ class FedBuffServer(DeadlineFirst):
             return RejectReason.STALE_ROUND, f"staleness {staleness}"
         if event.sender not in self._live:
             return RejectReason.UNSELECTED, "not joined"
-        if (event.update_id and event.update_id in self._seen_ids) or (
-            event.sender,
-            event.round,
-        ) in self._seen_pairs:
+        if self._is_duplicate(event):
             return RejectReason.DUPLICATE, ""
         detail = invalid_detail(event, self._weights)
         return (RejectReason.INVALID, detail) if detail else ("", "")
+
+    def _is_duplicate(self, event: UpdateReceived) -> bool:
+        """A message id seen before, or a second update of one sender on one version.
+
+        Only versions still acceptable are remembered: an update on an older
+        version is refused as stale before this check runs.
+        """
+        if event.sender in self._seen.get(event.round, ((), ()))[1]:
+            return True
+        return bool(event.update_id) and any(
+            event.update_id in ids for ids, _ in self._seen.values()
+        )
 
     # --- the deadline ----------------------------------------------------------
 
@@ -345,6 +359,8 @@ class FedBuffServer(DeadlineFirst):
         self._history[self._version] = new
         for old in [v for v in self._history if v < self._version - self.config.max_staleness]:
             del self._history[old]
+        for old in [v for v in self._seen if v not in self._history]:
+            del self._seen[old]
         losses = [(b.train_loss, b.num_examples) for b in ordered if b.train_loss is not None]
         metrics: dict[str, float] = {"mean_staleness": float(np.mean(stale))}
         if losses:

@@ -131,6 +131,28 @@ def test_rejections_stale_future_duplicate_unknown_and_foreign() -> None:
     assert server.version == 2
 
 
+def test_duplicate_memory_is_bounded_by_the_staleness_window() -> None:
+    server = _server(buffer_size=1, max_staleness=1, max_versions=50)
+    server.handle(Started(), now=0.0)
+    for v in range(40):  # one update per version: 40 aggregations
+        (agg,) = _of(
+            server.handle(_update("abc"[v % 3], v, 1.0, 0.0), now=1.0 + v), BufferAggregated
+        )
+        assert agg.version == v + 1
+    # only the versions that can still be accepted are remembered
+    assert sorted(server._seen) == [39]
+    # a repeated id on an acceptable version, and a second update of one sender
+    # on one version, are still duplicates; an old id on an old version is stale
+    (dup_id,) = _of(server.handle(_update("b", 40, 1.0, 0.0, uid="a-39"), now=50.0), Reject)
+    (dup_pair,) = _of(server.handle(_update("a", 39, 1.0, 0.0, uid="new"), now=50.0), Reject)
+    (stale,) = _of(server.handle(_update("b", 10, 1.0, 0.0), now=50.0), Reject)
+    assert (dup_id.reason, dup_pair.reason, stale.reason) == (
+        "duplicate",
+        "duplicate",
+        "stale_round",
+    )
+
+
 def test_finishes_after_max_versions_and_refuses_late_updates() -> None:
     server = _server(buffer_size=1, max_versions=2)
     server.handle(Started(), now=0.0)
@@ -176,6 +198,7 @@ class FedBuffMachine(RuleBasedStateMachine):
         self.versions: list[int] = [0]
         self.aggregated: set[str] = set()
         self.sent = 0
+        self.first = ("a", 0)
         self.last_broadcast = 0
         self.progress = 0.0  # when the last update was accepted (or the run started)
         self.first_wait = True
@@ -233,7 +256,11 @@ class FedBuffMachine(RuleBasedStateMachine):
         version = self.server.version - back
         if version < 0:
             return
-        uid = "u0" if reuse and self.sent else f"u{self.sent}"
+        uid = f"u{self.sent}"
+        if reuse and self.sent:  # a redelivery of the first message: same id, sender, version
+            uid, (node, version) = "u0", self.first
+        elif not self.sent:
+            self.first = (node, version)
         self.sent += 1
         buffered = self.server.buffered
         deadline = self.server.next_deadline()
