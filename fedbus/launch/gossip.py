@@ -79,7 +79,7 @@ def make_peer(
     initial: Arrays,
     trainer: Trainer | None = None,
     observer: PeerObserver | None = None,
-    progress: Callable[[int], Awaitable[None]] | None = None,
+    progress: Callable[[int, frozenset[str]], Awaitable[None]] | None = None,
     data_file: str | None = None,
     fault_seed: int | None = None,
     restart: PeerCheckpoint | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,8 @@ class GossipMonitor(PeerObserver):
         else:
             self._gone.add(peer)
             self._advance()
+        self._moved.set()  # who is running changed: `reached` looks again
+        self._moved = asyncio.Event()
 
     def network_round(self) -> int:
         """The round the peers still running have reached (median; churn's clock)."""
@@ -118,9 +120,27 @@ class GossipMonitor(PeerObserver):
         values = sorted(live or self._latest.values() or [0])
         return values[len(values) // 2]
 
-    async def reached(self, round_: int) -> None:
-        """Return once `network_round` is at least ``round_`` (callers bound the wait)."""
-        while self.network_round() < round_:
+    def neighbourhood_round(self, peers: Collection[str]) -> int | None:
+        """The newest round completed by one of ``peers`` still running (None: none is)."""
+        live = [self._latest.get(p, 0) for p in peers if p not in self._gone | self._away]
+        return max(live) if live else None
+
+    async def reached(self, round_: int, peers: Collection[str] | None = None) -> None:
+        """Return once the network, or one of ``peers``, has completed ``round_``.
+
+        Without ``peers``: once `network_round` is at least ``round_``. With
+        them (churn's clock: an away peer's neighbours): once one of them
+        still running has completed ``round_``, or none of them is running.
+        Callers bound the wait.
+        """
+        while True:
+            if peers is None:
+                if self.network_round() >= round_:
+                    return
+            else:
+                newest = self.neighbourhood_round(peers)
+                if newest is None or newest >= round_:
+                    return
             await self._moved.wait()
 
     def _advance(self) -> None:

@@ -22,8 +22,10 @@ Training runs in a worker thread (``asyncio.to_thread``) in a task of its
 own; the result comes back through the driver. Simulated faults are decided
 when a round's training starts: a crash aborts the connection for good;
 churn aborts it (the will tells the neighbours), keeps the machine as it is,
-and after ``down_rounds`` rounds' worth of time reconnects, announces itself
-again and waits briefly for the neighbours' answers. A synchronous peer
+and once its neighbours have run ``down_rounds`` rounds without it (or, with
+no view of their rounds, after ``down_rounds`` rounds' worth of time;
+`PeerNode._stay_away`) reconnects, announces itself again and waits briefly
+for the neighbours' answers. A synchronous peer
 then resynchronises (`Rejoined`: the neighbours that answered each send a
 snapshot of their current model, flagged ``sync`` in the ModelUpdate's
 metrics; the machine adopts their average and goes on at their round); a
@@ -94,8 +96,10 @@ class PeerNode:
         run: the run id, when known in advance.
         faults: simulated faults; None injects none.
         observer: the monitor's callbacks.
-        progress: waits until the network reaches a round (simulation: how long
-            churn keeps the peer away); None measures by the peer's own rounds.
+        progress: ``progress(r, neighbours)`` returns once one of ``neighbours``
+            still running has completed round ``r``, or none is running
+            (simulation: how long churn keeps the peer away); None measures by
+            the peer's own round length.
         clock: monotonic seconds.
         attack: what this peer sends instead of its honest models (a simulated
             Byzantine peer); None for an honest one.
@@ -111,7 +115,7 @@ class PeerNode:
         run: RunId | None = None,
         faults: FaultPlan | None = None,
         observer: PeerObserver | None = None,
-        progress: Callable[[int], Awaitable[None]] | None = None,
+        progress: Callable[[int, frozenset[str]], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         attack: PeerAttack | None = None,
     ) -> None:
@@ -178,37 +182,54 @@ class PeerNode:
             return self._outcome("failed", f"{type(exc).__name__}: {exc}")
 
     async def _stay_away(self) -> None:
-        """Churn: stay away ``down_rounds`` rounds of the network, by its clock or ours.
+        """Churn: skip ``down_rounds`` rounds of the neighbours, by their clock or ours.
 
-        With ``progress`` (the launcher's view of the network's round) the
-        peer returns once the network moved ``down_rounds`` rounds on, at the
+        The peer left when round ``left`` started, so it skips rounds
+        ``left`` to ``left + down_rounds - 1``. With ``progress`` (the
+        launcher's view of the peers' rounds) it reconnects once one of its
+        neighbours still running has completed the last of them (or none is
+        running), so that it is back for round ``left + down_rounds``; at the
         latest after ``down_rounds`` times three of its own observed round
-        lengths (capped at the round deadline); without it, after
-        ``down_rounds`` times its own observed round length.
+        lengths (capped at the round deadline). Without ``progress``, after
+        ``down_rounds`` times its own observed round length. The round it
+        comes back for is drawn for churn now (`_check_faults` does not draw
+        it again): if the peer leaves again it simply stays away, rather than
+        reconnect, resync and disconnect at once.
 
-        Why the short bound: the network may not move on while peers are
-        away, since a peer whose neighbours are all away waits for its round
-        deadline rather than run ahead alone. Bounded by the deadline only,
-        away peers and alone peers waited for each other: measured with 20%
-        churn on 16 peers, up to 11 peers were away at once and every peer
-        stood still for a whole deadline every few rounds.
+        Why the neighbours' clock: rounds take milliseconds on the in-process
+        bus, so away time counted by the network's median round (or by time)
+        let a reconnection land rounds late, and peers that happen to be
+        present ran ahead of their away neighbours (see
+        docs/hierarchical-gossip.md, "Churn"). Measured with 20% churn on 16
+        peers, 4.0 to 6.0 peers were away per round instead of about 2.7.
+        Why the short bound: a peer whose neighbours are all away waits for
+        its round deadline rather than run ahead alone, so its away
+        neighbours may wait for it in turn.
         """
-        rounds = self._down_rounds
-        left = self._checked_round
         progress = self._progress
         if progress is None:
-            down_s = rounds * self._round_s
-            log.info("%s: churn: away for %d round(s) (%.2f s)", self.id, rounds, down_s)
+            down_s = self._down_rounds * self._round_s
+            log.info("%s: churn: away for %d round(s) (%.2f s)", self.id, self._down_rounds, down_s)
             await asyncio.sleep(down_s)
             return
-        log.info("%s: churn: away for %d round(s) from round %d", self.id, rounds, left)
-        back_at = left + rounds
-        if isinstance(self.machine, GossipPeer):  # the network stops at its last round
-            back_at = min(back_at, self.machine.config.total_rounds)
-        round_s = min(self.settings.round_timeout_s, 3.0 * self._round_s)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(rounds * round_s):
-                await progress(back_at)
+        left, rounds = self._checked_round, self._down_rounds
+        last = self.machine.config.rounds if self.machine is not None else left
+        while True:
+            log.info("%s: churn: away for %d round(s) from round %d", self.id, rounds, left)
+            round_s = min(self.settings.round_timeout_s, 3.0 * self._round_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(rounds * round_s):
+                    await progress(min(left + rounds - 1, last), self._neighbours)
+            back = left + rounds
+            if back > last or self._faults is None or back <= self._checked_round:
+                return
+            if self._faults.crashes(back):
+                return  # it crashes when that round starts (`_check_faults`)
+            self._checked_round = back  # drawn here, once
+            down = self._faults.leaves(back)
+            if not down:
+                return
+            left, rounds = back, down
 
     def _outcome(
         self, status: Literal["finished", "crashed", "failed"], reason: str = ""

@@ -41,7 +41,12 @@ for; one that misses ``missed_rounds_to_drop`` consecutive round deadlines, or
 that the runtime reports gone (`NeighbourLost`), is dropped (`NeighbourDropped`)
 and no longer waited for. It rejoins cleanly when it announces itself again
 (`NeighbourJoined`) or when a valid model of the current or a later round
-arrives from it: that model is used like any other.
+arrives from it: that model is used like any other. In the consensus phase
+(mixing-only rounds) a neighbour that left without a clean Leave is waited
+for once, up to a round deadline, so that a peer back from churn takes part
+in the final mixing rather than finding it over (`GossipPeer._awaiting_return`).
+A snapshot outside a sync that says its sender completed the last round is
+taken as that neighbour's clean Leave, which went out while we were away.
 
 Rejoin sync (`fedbus.protocols.gossip_sync`). A peer back from an absence
 (`Rejoined`) does not train on from its stale model: it adopts the mean of
@@ -165,6 +170,7 @@ class GossipPeer(DeadlineFirst):
         self._active: set[NodeId] = set(neighbours)
         self._gone: set[NodeId] = set()  # lost (will or Leave) and not back: not sent to
         self._ended: set[NodeId] = set()  # left cleanly after their last round
+        self._waited: set[NodeId] = set()  # away ones already given a consensus-phase deadline
         self._missed: Counter[NodeId] = Counter()
         self._inbox: dict[NodeId, PeerModelReceived] = {}
         self._ahead: dict[NodeId, PeerModelReceived] = {}
@@ -313,11 +319,25 @@ class GossipPeer(DeadlineFirst):
             or event.sender not in self._degrees
             or weights_problem(self._weights, event.weights)
         ):
+            if self._sync is None and self._finished_elsewhere(event):
+                # Its clean Leave went out while we were away: a late answer to
+                # our Join is the only sign that it will send no more models.
+                return self._on_lost(NeighbourLost(node=event.sender, reason="finished"))
             return []  # unsolicited or unusable: a snapshot is only ever a hint
         self._sync.add(event)
         self._active.add(event.sender)
         self._gone.discard(event.sender)
         return self._close_sync() if self._sync.complete else []
+
+    def _finished_elsewhere(self, event: PeerSnapshotReceived) -> bool:
+        """A neighbour's snapshot, outside a sync, says it completed the last round."""
+        return (
+            event.run == self.run
+            and event.sender in self._degrees
+            and event.round >= self.config.total_rounds
+            and self._state in (PeerState.TRAINING, PeerState.COLLECTING)
+            and event.sender not in self._ended
+        )
 
     def _close_sync(self) -> list[Command]:
         sync, self._sync = self._sync, None
@@ -467,8 +487,27 @@ class GossipPeer(DeadlineFirst):
         if self._state is PeerState.COLLECTING and not self._outstanding():
             if self._alone():  # do not run ahead alone: give the away ones the deadline
                 return []
+            if self._awaiting_return():
+                return []
             return self._close_round()
         return []
+
+    def _away(self) -> set[NodeId]:
+        """Neighbours lost without a clean Leave and not heard from since."""
+        return self._gone - self._ended
+
+    def _awaiting_return(self) -> bool:
+        """In the consensus phase, an away neighbour not yet given a round deadline.
+
+        Mixing-only rounds take no training time, so the peers that happen to
+        be present can run through the whole phase before an away neighbour is
+        back: measured with 20% churn on 16 peers, two adjacent peers did all
+        10 rounds alone in 20 ms, and the rest, seeing their final models,
+        jumped to the last round and ended 15 points apart. So the phase
+        waits, once per away neighbour and at most a round deadline, for it to
+        return and take part; one that does not is not waited for again.
+        """
+        return self._round > self.config.rounds and bool(self._away() - self._waited)
 
     def _close_round(self) -> list[Command]:
         out: list[Command] = []
@@ -482,6 +521,8 @@ class GossipPeer(DeadlineFirst):
                         node=node, round=self._round, reason="missed the round deadline"
                     )
                 )
+        if self._round > self.config.rounds:  # waited for once in the consensus phase
+            self._waited |= self._away()
         models: dict[str, Arrays] = {sender: m.weights for sender, m in self._inbox.items()}
         if self._defense is not None:
             out += self._screen(models)
