@@ -11,6 +11,7 @@ Subcommands::
     .venv/bin/python benchmarks/bench_fedavg.py accuracy --seeds 0   # one seed (faster)
     .venv/bin/python benchmarks/bench_fedavg.py overhead             # 1,000 clients, 3 interleaved runs
     .venv/bin/python benchmarks/bench_fedavg.py overhead --quick     # 200 clients, 1 run
+    .venv/bin/python benchmarks/bench_fedavg.py overhead --variants memory,lean   # only these
     .venv/bin/python benchmarks/bench_fedavg.py startup              # quickstart: start to round 1
     .venv/bin/python benchmarks/bench_fedavg.py faults               # 30 rounds, ~3 min
     .venv/bin/python benchmarks/bench_fedavg.py faults --aggregator mifa   # + MIFA, ~3 min more
@@ -56,6 +57,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -147,62 +149,104 @@ def _reference_round(clients: int, rounds: int) -> float:
     return _med([r["wall_s"] for r in history])
 
 
+OVERHEAD_VARIANTS: Final = ("lean", "paho", "workers", "memory", "embedded")
+"""``--variants``: what `overhead` runs (the reference loop always runs)."""
+
+
 def overhead(args: argparse.Namespace, work: Path) -> None:
     clients, rounds = args.clients, args.rounds
+    chosen = set(args.variants.split(","))
+    if unknown := chosen - set(OVERHEAD_VARIANTS):
+        raise SystemExit(f"unknown --variants {sorted(unknown)}; choose from {OVERHEAD_VARIANTS}")
     print(f"## overhead: {clients} clients, Synthetic(0,0) x 20 samples, logreg, all per round, "
-          f"{rounds} rounds, {args.runs} interleaved run(s)\n", flush=True)  # fmt: skip
-    broker = SysBroker()
-    print(f"broker for the counted runs: {broker.url}, open files limit {broker.open_files_limit()}",
+          f"{rounds} rounds, {args.runs} interleaved run(s), variants {args.variants}\n",
           flush=True)  # fmt: skip
+    broker = SysBroker() if chosen & {"lean", "paho", "workers"} else None
+    if broker is not None:
+        print(f"broker for the counted runs: {broker.url}, open files limit "
+              f"{broker.open_files_limit()}", flush=True)  # fmt: skip
     refs: list[float] = []
-    mqtt: list[float] = []
-    paho: list[float] = []
-    split: list[float] = []
-    mem: list[float] = []
+    walls: dict[str, list[float]] = {name: [] for name in OVERHEAD_VARIANTS}
     counts: list[dict[str, int]] = []
     peaks: list[float] = []
+
+    def measure(name: str, broker_yaml: str, i: int, what: str, *extra: str) -> RunResult:
+        pids = (broker.proc.pid,) if broker is not None and broker_yaml != "memory" else ()
+        result = _check(
+            run_fedbus(OVERHEAD.format(name="bench-oh", broker=broker_yaml, rounds=rounds,
+                                       clients=clients), work / f"oh-{name}-{i}", args=extra,
+                       extra_pids=pids),
+            what,
+        )  # fmt: skip
+        walls[name].append(_med(result.round_walls(skip_first=True)))
+        return result
+
     try:
         for i in range(args.runs):
             refs.append(_reference_round(clients, rounds))
-            before = broker.counters(2.5)
-            # The lean client (the embedded broker's default), then paho (a URL's default).
-            lean_broker = f"{{url: '{broker.url}', client: lean}}"
-            r = _check(
-                run_fedbus(OVERHEAD.format(name="bench-oh", broker=lean_broker, rounds=rounds,
-                                           clients=clients), work / f"oh-mqtt-{i}",
-                           extra_pids=(broker.proc.pid,)),
-                "overhead mosquitto (lean client)",
-            )  # fmt: skip
-            after = broker.counters(2.5)
-            counts.append({k: after[k] - before.get(k, 0) for k in after})
-            mqtt.append(_med(r.round_walls(skip_first=True)))
-            peaks.append(r.peak_rss_mb)
-            p = _check(
-                run_fedbus(OVERHEAD.format(name="bench-oh", broker=broker.url, rounds=rounds,
-                                           clients=clients), work / f"oh-paho-{i}",
-                           extra_pids=(broker.proc.pid,)),
-                "overhead mosquitto (paho client)",
-            )  # fmt: skip
-            paho.append(_med(p.round_walls(skip_first=True)))
-            w = _check(
-                run_fedbus(OVERHEAD.format(name="bench-oh", broker=lean_broker, rounds=rounds,
-                                           clients=clients), work / f"oh-workers-{i}",
-                           args=("--workers", "2"), extra_pids=(broker.proc.pid,)),
-                "overhead mosquitto (lean client, 2 worker processes)",
-            )  # fmt: skip
-            split.append(_med(w.round_walls(skip_first=True)))
-            m = _check(
-                run_fedbus(OVERHEAD.format(name="bench-oh", broker="memory", rounds=rounds,
-                                           clients=clients), work / f"oh-mem-{i}"),
-                "overhead memory",
-            )  # fmt: skip
-            mem.append(_med(m.round_walls(skip_first=True)))
-            print(f"  run {i + 1}: reference {refs[-1]:.3f} s, mosquitto {mqtt[-1]:.3f} s "
-                  f"(paho client {paho[-1]:.3f} s, lean with --workers 2 {split[-1]:.3f} s) "
-                  f"(peak {r.peak_rss_mb:.0f} MB with the broker), memory {mem[-1]:.3f} s; "
-                  f"broker messages {counts[-1]}", flush=True)  # fmt: skip
+            line = f"  run {i + 1}: reference {refs[-1]:.3f} s"
+            if broker is not None:
+                # The lean client (the embedded broker's default), then paho (a URL's default).
+                lean_broker = f"{{url: '{broker.url}', client: lean}}"
+            if "lean" in chosen and broker is not None:
+                before = broker.counters(2.5)
+                r = measure("lean", lean_broker, i, "overhead mosquitto (lean client)")
+                after = broker.counters(2.5)
+                counts.append({k: after[k] - before.get(k, 0) for k in after})
+                peaks.append(r.peak_rss_mb)
+                line += (f", mosquitto {walls['lean'][-1]:.3f} s (peak {r.peak_rss_mb:.0f} MB "
+                         f"with the broker; broker messages {counts[-1]})")  # fmt: skip
+            if "paho" in chosen and broker is not None:
+                measure("paho", broker.url, i, "overhead mosquitto (paho client)")
+                line += f", paho client {walls['paho'][-1]:.3f} s"
+            if "workers" in chosen and broker is not None:
+                measure("workers", lean_broker, i,
+                        "overhead mosquitto (lean client, 2 worker processes)", "--workers", "2")  # fmt: skip
+                line += f", lean with --workers 2 {walls['workers'][-1]:.3f} s"
+            if "memory" in chosen:
+                measure("memory", "memory", i, "overhead memory")
+                line += f", memory {walls['memory'][-1]:.3f} s"
+            print(line, flush=True)
     finally:
-        broker.close()
+        if broker is not None:
+            broker.close()
+    r_ref = _med(refs)
+    print(
+        f"\nper-round wall time, s (median of {args.runs}; rounds 2..{rounds} of each fedbus run):\n"
+    )
+    labels = {
+        "lean": ("through mosquitto (lean client)", "<= 3x", 3.0),
+        "paho": ("  same, paho client (MQTT 5)", "", 0.0),
+        "workers": ("  same, lean client, clients in 2 worker processes (--workers 2)", "<= 3x",
+                    3.0),
+        "memory": ("broker: memory", "<= 1.5x", 1.5),
+    }  # fmt: skip
+    rows = []
+    for name, (label, target, bound) in labels.items():
+        if walls[name]:
+            w = _med(walls[name])
+            verdict = _verdict(w <= bound * r_ref) if bound else ""
+            rows.append([label, f"{w:.3f}", f"{r_ref:.3f}", f"{w / r_ref:.2f}x", target, verdict])
+    _table(["", "fedbus", "reference loop", "ratio", "target", "verdict"], rows)
+    for name, values in walls.items():
+        if values:
+            print(f"  {name}: " + " / ".join(f"{v:.3f}" for v in values) + " s; reference "
+                  + " / ".join(f"{v:.3f}" for v in refs) + " s")  # fmt: skip
+    if counts:
+        c = counts[len(counts) // 2]
+        print(f"\nbroker counters for one run ({clients} clients, {rounds} rounds, connects and "
+              f"joins included): PUBLISH received {c.get('publish_received', 0):,}, sent "
+              f"{c.get('publish_sent', 0):,}; MQTT packets of all types received "
+              f"{c.get('messages_received', 0):,}, sent {c.get('messages_sent', 0):,}\n")  # fmt: skip
+    if "embedded" in chosen:
+        _overhead_embedded(args, work, r_ref, peaks)
+
+
+def _overhead_embedded(
+    args: argparse.Namespace, work: Path, r_ref: float, peaks: list[float]
+) -> None:
+    """What a user sees with the embedded broker: start to round 1, peak memory."""
+    clients, rounds = args.clients, args.rounds
     embedded = _check(
         run_fedbus(OVERHEAD.format(name="bench-oh", broker="embedded", rounds=rounds,
                                    clients=clients), work / "oh-embedded"),
@@ -213,30 +257,6 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
                    work / "oh-mem-first"),
         "overhead memory startup",
     )  # fmt: skip
-    r_ref, r_mqtt, r_paho, r_mem = _med(refs), _med(mqtt), _med(paho), _med(mem)
-    r_split = _med(split)
-    print(
-        f"\nper-round wall time, s (median of {args.runs}; rounds 2..{rounds} of each fedbus run):\n"
-    )
-    _table(
-        ["", "fedbus", "reference loop", "ratio", "target", "verdict"],
-        [
-            ["through mosquitto (lean client)", f"{r_mqtt:.3f}", f"{r_ref:.3f}",
-             f"{r_mqtt / r_ref:.2f}x", "<= 3x", _verdict(r_mqtt <= 3 * r_ref)],
-            ["  same, paho client (MQTT 5)", f"{r_paho:.3f}", f"{r_ref:.3f}",
-             f"{r_paho / r_ref:.2f}x", "", ""],
-            ["  same, lean client, clients in 2 worker processes (--workers 2)",
-             f"{r_split:.3f}", f"{r_ref:.3f}", f"{r_split / r_ref:.2f}x", "<= 3x",
-             _verdict(r_split <= 3 * r_ref)],
-            ["broker: memory", f"{r_mem:.3f}", f"{r_ref:.3f}", f"{r_mem / r_ref:.2f}x",
-             "<= 1.5x", _verdict(r_mem <= 1.5 * r_ref)],
-        ],
-    )  # fmt: skip
-    c = counts[len(counts) // 2]
-    print(f"broker counters for one run ({clients} clients, {rounds} rounds, connects and joins "
-          f"included): PUBLISH received {c.get('publish_received', 0):,}, sent "
-          f"{c.get('publish_sent', 0):,}; MQTT packets of all types received "
-          f"{c.get('messages_received', 0):,}, sent {c.get('messages_sent', 0):,}\n")  # fmt: skip
     first, peak = embedded.first_round_s, embedded.peak_rss_mb
     _table(
         ["fedbus run, embedded broker", "measured", "Flower 1.42", "target", "verdict"],
@@ -247,8 +267,8 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
              f"{mem_first.first_round_s:.2f}" if mem_first.first_round_s else "?", "", "", ""],
             ["peak RSS of the process tree (broker included), MB", f"{peak:.0f}", "830", "< 400",
              _verdict(peak < 400)],
-            ["  same through the counted broker (max over runs), MB", f"{max(peaks):.0f}", "",
-             "", ""],
+            ["  same through the counted broker (max over runs), MB",
+             f"{max(peaks):.0f}" if peaks else "-", "", "", ""],
         ],
     )  # fmt: skip
     print(
@@ -371,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         "--aggregator", action="append", metavar="SPEC",
         help="faults: also run this protocol.aggregator (YAML, e.g. mifa or "
         "'{kind: mifa, server_lr: 1.5}') with and without the faults; repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", default=",".join(OVERHEAD_VARIANTS),
+        help=f"overhead: comma-separated subset of {','.join(OVERHEAD_VARIANTS)} (default all)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="overhead: 200 clients, 1 run")
     parser.add_argument("--keep", metavar="DIR", help="keep run folders here")

@@ -243,6 +243,9 @@ class Inbound:
         # every request_gap_s, because a sender counts its credit deadline from
         # the last credit it saw and would otherwise give up while it waits.
         self._held_at: dict[TransferKey, float] = {}
+        # False while no transfer can be open (no chunk since `busy` last found
+        # none): the messenger asks `busy` after every message (1,000 a round).
+        self._chunked = False
         self._hold_every_s = limits.request_gap_s
         # Indices of one ChunkRequest must fit a packet (at most 5 bytes each).
         self._request_limit = max(1, min(65536, (max_payload_bytes - 1024) // 5))
@@ -250,7 +253,10 @@ class Inbound:
     @property
     def busy(self) -> bool:
         """Whether any transfer is open (so `tick` has work)."""
-        return bool(len(self._reasm) or len(self._gate))
+        if not self._chunked:
+            return False  # no chunk since the last check found nothing open: cheap
+        self._chunked = bool(len(self._reasm) or len(self._gate))
+        return self._chunked
 
     def handle(self, received: Received, *, now: float) -> list[Command]:
         """Process one delivered message."""
@@ -355,6 +361,7 @@ class Inbound:
             out.append(Deliver(Incoming(topic, message)))
 
     def _on_chunk(self, topic: Topic, chunk: Chunk, now: float, out: list[Command]) -> None:
+        self._chunked = True  # transfers may be open: `busy` looks again
         self.stats.chunks_received += 1
         key = (chunk.sender, chunk.xfer)
         if topic.form == "to" and key not in self._reasm and not self._gate.is_active(key):
@@ -414,6 +421,7 @@ class Inbound:
         # Transfers let in by finished ones, oldest first; feeding their first
         # chunk sends their first credit (and may finish them, admitting more).
         while self._admitted:
+            self._chunked = True
             key, (topic, chunk) = self._admitted.pop(0)
             self._held_at.pop(key, None)
             self._after_feed(self._reasm.feed(chunk, sender=key[0], now=now), topic, now, out)

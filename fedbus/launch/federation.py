@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -324,6 +325,10 @@ async def run_federation(
             run_id=run_id, out=out, resume=resume, observer=observer,
             topology_text=topology_text, broker={"kind": bus.kind, "url": bus.url}, tflite=tflite,
         )  # fmt: skip
+        # The federation's data and nodes live as long as the run: keep the cyclic
+        # GC from scanning them in every full collection (issue 3: about 55 ms
+        # each at 1,000 clients, one every few rounds; 23 ms with them frozen).
+        gc.freeze()
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = {
@@ -343,6 +348,7 @@ async def run_federation(
             for cid, (status, reason) in (await pool.finish(client_grace_s)).items():
                 results[cid] = ClientOutcome(cid, status, reason)  # type: ignore[arg-type]
         finally:
+            gc.unfreeze()  # collectable again (a process may run several federations)
             await pool.stop()
             pool.close()
     return FederationResult(run_id, outcome, results, dict(server.machine.weights), out)

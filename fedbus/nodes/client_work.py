@@ -70,6 +70,22 @@ class WorkTimer:
         estimate = self.estimate(kind)
         return estimate is not None and estimate < INLINE_WORK_S
 
+    def run_now(self, kind: Kind, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` on the loop, measured: only for work `tiny` allows.
+
+        What `run` does for such work, without a coroutine to create and
+        await (`fedbus.nodes.client.ClientNode._work_now`).
+        """
+        clock = time.perf_counter  # on the loop, wall time is the CPU time (see `run`)
+        started = clock()
+        try:
+            return fn(*args)
+        finally:
+            used = clock() - started
+            self._used[kind] = used
+            if self._num_examples:
+                _COST_PER_EXAMPLE[(self._class, kind)] = used / self._num_examples
+
     async def run(self, kind: Kind, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` in a worker thread, or inline when it is known to be tiny.
 

@@ -310,6 +310,10 @@ class FedAvgServer(DeadlineFirst):
         self._updates: dict[NodeId, UpdateReceived] = {
             n: u for n, u in kept.items() if n in selected
         }
+        prepared: dict[NodeId, ClientUpdate] = getattr(self, "_prepared", {})
+        self._prepared: dict[NodeId, ClientUpdate] = {
+            n: u for n, u in prepared.items() if n in self._updates
+        }
         self._failed: set[NodeId] = {n for n in failed if n in selected}
         self._answered: set[NodeId] = set(self._updates) | self._failed
         self._gone: set[NodeId] = {n for n in selected if n not in self._live} - self._answered
@@ -399,6 +403,10 @@ class FedAvgServer(DeadlineFirst):
         if event.update_id:
             self._seen_ids.add(event.update_id)
         self._updates[event.sender] = event
+        if self._state is ServerState.COLLECTING:
+            # The aggregator's view, built while the update is at hand: at close
+            # the 1,000 updates of a round were all touched again (issue 3).
+            self._prepared[event.sender] = _client_update(event)
         self._answered.add(event.sender)
         self._outstanding.discard(event.sender)
         return self._progress()
@@ -423,7 +431,9 @@ class FedAvgServer(DeadlineFirst):
         if list(event.weights) != list(self._weights):
             return "tensor names differ from the global model's"
         for name, current in self._weights.items():
-            value = np.asarray(event.weights[name])
+            value = event.weights[name]
+            if type(value) is not np.ndarray:
+                value = np.asarray(value)
             if value.shape != current.shape or value.dtype != current.dtype:
                 return (
                     f"{name}: {value.dtype}{list(value.shape)} where the global model "
@@ -445,17 +455,9 @@ class FedAvgServer(DeadlineFirst):
 
     def _close_attempt(self) -> list[Command]:
         out: list[Command] = []
+        prepared = self._prepared
         accepted = [
-            ClientUpdate(
-                sender=u.sender,
-                weights={k: np.asarray(v) for k, v in u.weights.items()},
-                num_examples=u.num_examples,
-                encoding=u.encoding,
-                metrics={k: float(v) for k, v in u.metrics.items() if _is_number(v)},
-                round=u.round,
-                extras={k: {n: np.asarray(a) for n, a in v.items()} for k, v in u.extras.items()},
-            )
-            for _, u in sorted(self._updates.items())
+            prepared.get(sender) or _client_update(u) for sender, u in sorted(self._updates.items())
         ]
         for validator in self._validators:
             verdicts = validator.validate(self._weights, accepted, round=self._round)
@@ -492,7 +494,7 @@ class FedAvgServer(DeadlineFirst):
         self._attempt = 1
         self._failed_attempts = 0
         self._seen_ids.clear()
-        self._updates, self._failed = {}, set()
+        self._updates, self._failed, self._prepared = {}, set(), {}
         if self._completed >= self.config.rounds:
             return out + self._after_last_round()
         return out + self._begin_attempt()
@@ -558,6 +560,22 @@ class FedAvgServer(DeadlineFirst):
             selected=tuple(sorted(self._selected)),
             completed_round=self._completed,
         )
+
+
+def _client_update(u: UpdateReceived) -> ClientUpdate:
+    """What the aggregator and validators see of an accepted update (fresh containers)."""
+    weights = u.weights
+    return ClientUpdate(
+        sender=u.sender,
+        weights={k: v if type(v) is np.ndarray else np.asarray(v) for k, v in weights.items()},
+        num_examples=u.num_examples,
+        encoding=u.encoding,
+        metrics={k: float(v) for k, v in u.metrics.items() if _is_number(v)},
+        round=u.round,
+        extras={k: {n: np.asarray(a) for n, a in v.items()} for k, v in u.extras.items()}
+        if u.extras
+        else {},
+    )
 
 
 def _is_number(value: object) -> bool:

@@ -130,8 +130,8 @@ class PushReceiver(Protocol):
     """An optional capability: a transport that can call a function per message.
 
     ``set_receiver(fn)`` makes the transport call ``fn(received)`` as each
-    message arrives, from wherever it arrives (a publisher's call on the
-    memory bus, a socket callback), instead of queueing it for `messages`.
+    message arrives, from wherever it arrives (the memory bus's delivery
+    callback, a socket callback), instead of queueing it for `messages`.
     ``fn`` must not block or raise. `messages` still yields what was queued
     before and still ends when the transport closes.
 

@@ -62,6 +62,8 @@ _MAX_RESEND_TASKS: Final = 32
 _MAX_CONTROL_PUBLISHES: Final = 64
 """Credits and chunk requests awaiting their PUBACK in the background; beyond
 this the receive loop waits for the broker itself (backpressure)."""
+_MAX_CACHED_TOPICS: Final = 65_536
+"""Directed topics a messenger remembers at most (then it starts over)."""
 
 
 @dataclass(slots=True)
@@ -184,6 +186,8 @@ class Messenger:
             max_bytes=lim.resend_cache_bytes, max_age_s=lim.resend_cache_age_s
         )
         self._outbound: dict[str, _Outbound] = {}
+        # recipient -> (its directed topic, PUBLISH overhead): the same few every round.
+        self._directed: dict[str, tuple[str, int]] = {}
         self._queue: asyncio.Queue[Incoming | None] = asyncio.Queue()
         self._sink: Callable[[Incoming], None] | None = None
         self._work = asyncio.Event()
@@ -257,10 +261,16 @@ class Messenger:
             TransferError: the receiver granted no credit within ``credit_timeout_s``.
             TransportError: the transport failed (TransportClosed once closed).
         """
-        topic = topics.directed(self.run, recipient, self.node_id, prefix=self.prefix)
+        entry = self._directed.get(recipient)
+        if entry is None:
+            if len(self._directed) >= _MAX_CACHED_TOPICS:
+                self._directed.clear()
+            topic = topics.directed(self.run, recipient, self.node_id, prefix=self.prefix)
+            entry = self._directed[recipient] = (topic, publish_packet_size(topic, 0))
+        topic, overhead = entry
         segments = codec.encode_segments(message)
-        size = sum(len(s) for s in segments)
-        if publish_packet_size(topic, size) <= self.transport.max_payload_bytes:
+        size = len(segments[0]) if len(segments) == 1 else sum(len(s) for s in segments)
+        if overhead + size <= self.transport.max_payload_bytes:
             await self.transport.publish(topic, _joined(segments))
             self.stats.sent += 1
             return

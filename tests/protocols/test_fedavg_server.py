@@ -467,3 +467,41 @@ def test_client_update_carries_numeric_metrics_only() -> None:
     server.handle(NodeJoined(node=NodeId("a")), now=0.0)
     server.handle(update("a", 1, metrics={"loss": 1, "tag": "x", "ok": True}), now=1.0)
     assert seen[0].metrics == {"loss": 1.0}
+
+
+class _Recording(FedAvg):
+    """FedAvg that keeps what it was asked to aggregate."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[ClientUpdate]] = []
+
+    def aggregate(
+        self, global_weights: Any, updates: Any, *, round: int
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        self.seen.append(list(updates))
+        return super().aggregate(global_weights, updates, round=round)
+
+
+def test_updates_prepared_on_arrival_are_what_the_aggregator_gets() -> None:
+    # The server builds each accepted update's ClientUpdate as it arrives (issue 3's
+    # overhead); the aggregator must still get plain arrays, numeric metrics as
+    # floats, sorted senders, and the same result for array-likes as for arrays.
+    from fedbus.messages import Tensor
+
+    agg = _Recording()
+    server = FedAvgServer(cfg(rounds=1, min_clients=2), run=RUN, weights=initial_weights(),
+                          aggregator=agg, expected_nodes=2)  # fmt: skip
+    server.handle(Started(), now=0.0)
+    for name in ("b", "a"):
+        server.handle(NodeJoined(node=NodeId(name), num_examples=5), now=0.1)
+    ones = {k: np.ones_like(v) for k, v in initial_weights().items()}
+    as_tensors = {k: Tensor.from_array(np.full_like(v, 3)) for k, v in initial_weights().items()}
+    metrics: dict[str, Any] = {"train_loss": 2, "note": "x", "flag": True}
+    server.handle(update("b", 1, weights=as_tensors, num_examples=1, metrics=metrics), now=1.0)
+    out = server.handle(update("a", 1, weights=ones, num_examples=3), now=2.0)
+    (closed,) = [c for c in out if isinstance(c, RoundClosed)]
+    (seen,) = agg.seen
+    assert [u.sender for u in seen] == ["a", "b"]
+    assert all(type(a) is np.ndarray for u in seen for a in u.weights.values())
+    assert seen[1].metrics == {"train_loss": 2.0}
+    np.testing.assert_array_equal(closed.weights["b"], np.full(3, 1.5, np.float32))

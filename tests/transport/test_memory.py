@@ -207,3 +207,92 @@ async def test_many_transports_inbox_routing() -> None:
     assert pending(clients[1999])[0].payload == b"hi"
     for c in clients:
         await c.aclose()
+
+
+async def test_push_receiver_gets_one_pass_of_publishes_after_publish_returns() -> None:
+    # Deliveries to a push receiver are deferred to one callback per pass of the
+    # loop, in publish order: never inside the publisher's `publish`.
+    bus = MemoryBus()
+    got: list[bytes] = []
+    async with bus.transport("pub") as pub, bus.transport("sub") as sub:
+        await sub.subscribe("t/#")
+        sub.set_receiver(lambda m: got.append(m.payload))
+        for i in range(3):
+            await pub.publish(f"t/{i}", str(i).encode())
+            assert got == []  # not yet: the publisher is still running
+        await asyncio.sleep(0)
+        assert got == [b"0", b"1", b"2"]
+        assert pending(sub) == []
+        assert sub.stats.messages_in == 3
+
+
+async def test_push_receiver_that_raises_loses_nothing_else() -> None:
+    bus = MemoryBus()
+    got: list[bytes] = []
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+
+    def receiver(m: Received) -> None:
+        if m.payload == b"bad":
+            raise RuntimeError("boom")
+        got.append(m.payload)
+
+    async with bus.transport("pub") as pub, bus.transport("sub") as sub:
+        await sub.subscribe("t")
+        sub.set_receiver(receiver)
+        for payload in (b"a", b"bad", b"b"):
+            await pub.publish("t", payload)
+        await asyncio.sleep(0)
+    assert got == [b"a", b"b"]
+    assert len(errors) == 1
+    assert isinstance(errors[0]["exception"], RuntimeError)
+
+
+async def test_pending_pushes_keep_their_order_when_the_receiver_goes() -> None:
+    # A push still pending when the receiver is unset is queued for `messages`,
+    # ahead of what arrives later.
+    bus = MemoryBus()
+    got: list[bytes] = []
+    async with bus.transport("pub") as pub, bus.transport("sub") as sub:
+        await sub.subscribe("t")
+        sub.set_receiver(lambda m: got.append(m.payload))
+        await pub.publish("t", b"1")
+        sub.set_receiver(None)
+        await pub.publish("t", b"2")
+        await asyncio.sleep(0)
+        assert got == []
+        assert [m.payload for m in await drain(sub, 2)] == [b"1", b"2"]
+
+
+async def test_pushes_for_a_closed_connection_are_dropped() -> None:
+    bus = MemoryBus()
+    got: list[bytes] = []
+    sub = bus.transport("sub")
+    async with bus.transport("pub") as pub:
+        async with sub:
+            await sub.subscribe("t")
+            sub.set_receiver(lambda m: got.append(m.payload))
+            await pub.publish("t", b"old")
+        async with sub:  # a new connection of the same transport before the flush
+            await sub.subscribe("t")
+            await asyncio.sleep(0)
+            assert got == []
+            await pub.publish("t", b"new")
+            await asyncio.sleep(0)
+            assert got == [b"new"]
+
+
+async def test_cached_matches_follow_subscription_changes() -> None:
+    bus = MemoryBus()
+    async with bus.transport("pub") as pub, bus.transport("a") as a, bus.transport("b") as b:
+        await a.subscribe("x/+")
+        await pub.publish("x/1", b"1")  # caches the subscribers of x/1
+        await b.subscribe("x/#")
+        await pub.publish("x/1", b"2")
+        await a.unsubscribe("x/+")
+        await pub.publish("x/1", b"3")
+        assert [m.payload for m in pending(b)] == [b"2", b"3"]
+        await b.aclose()
+        await pub.publish("x/1", b"4")
+        assert [m.payload for m in pending(a)] == [b"1", b"2"]
+    assert bus.stats.delivered == 4  # 1 and 2 to a, 2 and 3 to b; 4 to nobody
