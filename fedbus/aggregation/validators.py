@@ -25,8 +25,8 @@ the gate's ``history``, each sender's running score).
 
 State across rounds that a resumed run should keep (the gate's history) is
 exposed by `validator_state` and `load_validator_state` as named arrays,
-like an aggregator's `state_dict`. Today's server checkpoint stores the
-aggregator's state only; wiring these two into it is the server's part.
+like an aggregator's `state_dict`; the FedAvg server keeps them in its
+checkpoint beside the aggregator's state (`FedAvgServer.from_checkpoint`).
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ from fedbus.aggregation import (
     Validator,
     broadcast_extras,
 )
+from fedbus.aggregation.validators import load_validator_state, validator_state
 from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_server_states import TRANSITIONS, ServerState
@@ -109,6 +110,9 @@ from fedbus.protocols.selection import select_nodes, selection_size
 from fedbus.protocols.timed import DeadlineFirst
 
 __all__ = ["TRANSITIONS", "FedAvgServer", "ServerState"]
+
+_VALIDATOR_STATE = "validators/"
+"""Prefix of stateful validators' entries in a checkpoint's ``aggregator_state``."""
 
 
 class FedAvgServer(DeadlineFirst):
@@ -167,10 +171,29 @@ class FedAvgServer(DeadlineFirst):
         """Continue a run after ``checkpoint.round``, restoring the aggregator's state.
 
         ``kwargs`` are the other constructor arguments except ``weights``.
+        Stateful validators (the gate's per-sender history) travel in the
+        same mapping under ``validators/``, so the checkpoint format is
+        unchanged and an older checkpoint simply restores none.
         """
         server = cls(config, weights=checkpoint.weights, completed_round=checkpoint.round, **kwargs)
-        server.aggregator.load_state_dict(checkpoint.aggregator_state)
+        own: dict[str, npt.NDArray[Any]] = {}
+        screens: dict[str, npt.NDArray[Any]] = {}
+        for key, value in checkpoint.aggregator_state.items():
+            if key.startswith(_VALIDATOR_STATE):
+                screens[key.removeprefix(_VALIDATOR_STATE)] = value
+            else:
+                own[key] = value
+        server.aggregator.load_state_dict(own)
+        if screens:  # a checkpoint without them leaves the validators fresh
+            load_validator_state(server._validators, screens)
         return server
+
+    def _state_to_keep(self) -> dict[str, npt.NDArray[Any]]:
+        """The aggregator's state plus stateful validators' under ``validators/``."""
+        state = dict(self.aggregator.state_dict())
+        for key, value in validator_state(self._validators).items():
+            state[_VALIDATOR_STATE + key] = value
+        return state
 
     # --- the Machine surface ----------------------------------------------
 
@@ -485,7 +508,7 @@ class FedAvgServer(DeadlineFirst):
                 num_examples=sum(u.num_examples for u in accepted),
                 client_metrics=training_metrics(accepted),
                 federated_metrics=federated_metrics(u.metrics for u in accepted),
-                aggregator_state=self.aggregator.state_dict(),
+                aggregator_state=self._state_to_keep(),
             )
         )
         self._rejected.clear()

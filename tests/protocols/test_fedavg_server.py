@@ -369,6 +369,42 @@ def test_resume_continues_with_the_next_round_and_the_same_selection() -> None:
         )
 
 
+class _CountingValidator:
+    """A stateful validator: counts the rounds it screened (like the gate's history)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def validate(self, global_weights: Any, updates: Any, *, round: int) -> dict[str, str]:
+        self.seen += 1
+        return {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"seen": np.array([self.seen], np.int64)}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.seen = int(state["seen"][0])
+
+
+def test_checkpoints_keep_stateful_validators_and_resume_restores_them() -> None:
+    config = cfg(rounds=3)
+    whole = Federation(ABC, config=config, validators=[_CountingValidator()])
+    whole.start(0.0)
+    whole.run_rounds(2)
+    closed = whole.of(RoundClosed)[-1]
+    assert {k: v.tolist() for k, v in closed.aggregator_state.items()} == {"validators/0/seen": [2]}
+    restored = _CountingValidator()
+    checkpoint = ServerCheckpoint(round=2, weights=closed.weights,
+                                  aggregator_state=closed.aggregator_state)  # fmt: skip
+    FedAvgServer.from_checkpoint(config, checkpoint, run=RUN, validators=[restored])
+    assert restored.seen == 2
+    # a checkpoint from before validator state was kept restores none
+    old = ServerCheckpoint(round=2, weights=closed.weights)
+    fresh = _CountingValidator()
+    FedAvgServer.from_checkpoint(config, old, run=RUN, validators=[fresh])
+    assert fresh.seen == 0
+
+
 def test_resume_of_a_finished_run_finishes_at_once() -> None:
     checkpoint = ServerCheckpoint(round=3, weights=initial_weights())
     server = FedAvgServer.from_checkpoint(cfg(rounds=3), checkpoint, run=RUN)
