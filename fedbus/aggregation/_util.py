@@ -10,7 +10,7 @@ whose blocking may depend on the thread count), and cast back with `cast_like`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -146,6 +146,36 @@ def float_param(
     if high is not None and (out >= high if high_open else out > high):
         raise ConfigError(f"must be {'<' if high_open else '<='} {high}, got {out}", path=where)
     return out
+
+
+WEIGHTINGS: Final = ("samples", "uniform")
+
+
+def weighting_param(value: str) -> str:
+    """``weighting``: ``samples`` (by num_examples, as FedAvg) or ``uniform`` (plain mean)."""
+    if value not in WEIGHTINGS:
+        raise ConfigError(
+            f"must be 'samples' or 'uniform', got {value!r}", path=f"{PATH}.weighting"
+        )
+    return value
+
+
+def weight_coeffs(
+    weighting: str, num_examples: Sequence[int], name: str
+) -> tuple[list[float], float]:
+    """Per-update coefficients for `weighting` and their total (divide by it for the mean).
+
+    Raises:
+        AggregationError: the total is not positive (no samples to weigh by).
+    """
+    if weighting == "uniform":
+        coeffs = [1.0] * len(num_examples)
+    else:
+        coeffs = [float(n) for n in num_examples]
+    total = sum(coeffs)
+    if total <= 0:
+        raise AggregationError(f"{name} needs a positive total num_examples")
+    return coeffs, total
 
 
 def finish(global_weights: Arrays, result: Mapping[str, F64]) -> dict[str, npt.NDArray[Any]]:

@@ -43,10 +43,17 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from fedbus.aggregation._util import F64, PATH, check_updates, finish, float_param, int_param
+from fedbus.aggregation._util import (
+    F64,
+    check_updates,
+    finish,
+    float_param,
+    int_param,
+    weight_coeffs,
+    weighting_param,
+)
 from fedbus.aggregation.base import DELTA, AggregationError, Arrays, ClientUpdate, sorted_updates
 from fedbus.aggregation.mean import weighted_sum
-from fedbus.errors import ConfigError
 
 __all__ = ["Mifa"]
 
@@ -106,11 +113,7 @@ class Mifa:
         max_staleness: int | None = None,
         weighting: str = "samples",
     ) -> None:
-        if weighting not in ("samples", "uniform"):
-            raise ConfigError(
-                f"must be 'samples' or 'uniform', got {weighting!r}", path=f"{PATH}.weighting"
-            )
-        self.weighting = weighting
+        self.weighting = weighting_param(weighting)
         self.server_lr = float_param(server_lr, "server_lr", low=0.0, low_open=True)
         self.max_staleness = (
             None if max_staleness is None else int_param(max_staleness, "max_staleness", minimum=0)
@@ -149,13 +152,9 @@ class Mifa:
         for u in ordered:
             memory[u.sender] = _Stored(_delta(u, global_weights), u.num_examples, round)
         senders = sorted(memory)
-        if self.weighting == "uniform":
-            coeffs = [1.0] * len(senders)
-        else:
-            coeffs = [float(memory[s].num_examples) for s in senders]
-        total = sum(coeffs)
-        if total <= 0:
-            raise AggregationError("mifa needs a positive total num_examples")
+        coeffs, total = weight_coeffs(
+            self.weighting, [memory[s].num_examples for s in senders], "mifa"
+        )
         result: dict[str, F64] = {}
         for name, current in global_weights.items():
             mean = weighted_sum([memory[s].delta[name] for s in senders], coeffs)

@@ -46,7 +46,6 @@ import numpy.typing as npt
 
 from fedbus.aggregation._util import (
     F64,
-    PATH,
     check_updates,
     delta_vectors,
     finish,
@@ -54,10 +53,11 @@ from fedbus.aggregation._util import (
     float_param,
     int_param,
     unflatten,
+    weight_coeffs,
+    weighting_param,
 )
 from fedbus.aggregation.base import AggregationError, Arrays, ClientUpdate, sorted_updates
 from fedbus.aggregation.mean import weighted_sum
-from fedbus.errors import ConfigError
 
 __all__ = ["CONTROL", "Scaffold", "client_control_update", "correction"]
 
@@ -84,11 +84,7 @@ class Scaffold:
     def __init__(
         self, server_lr: float = 1.0, num_clients: int | None = None, weighting: str = "samples"
     ) -> None:
-        if weighting not in ("samples", "uniform"):
-            raise ConfigError(
-                f"must be 'samples' or 'uniform', got {weighting!r}", path=f"{PATH}.weighting"
-            )
-        self.weighting = weighting
+        self.weighting = weighting_param(weighting)
         self.server_lr = float_param(server_lr, "server_lr", low=0.0, low_open=True)
         self.num_clients = (
             None if num_clients is None else int_param(num_clients, "num_clients", minimum=1)
@@ -133,13 +129,7 @@ class Scaffold:
                     raise AggregationError(f"scaffold: {u.sender}'s control {n} has another shape")
         base = flatten(global_weights, names)
         deltas = delta_vectors(global_weights, ordered)
-        if self.weighting == "uniform":
-            coeffs = [1.0] * len(ordered)
-        else:
-            coeffs = [float(u.num_examples) for u in ordered]
-        total = sum(coeffs)
-        if total <= 0:
-            raise AggregationError("scaffold needs a positive total num_examples")
+        coeffs, total = weight_coeffs(self.weighting, [u.num_examples for u in ordered], "scaffold")
         mean_dy = weighted_sum(list(deltas), coeffs) / np.float64(total)
         new_x = base + np.float64(self.server_lr) * mean_dy
         control = self.control(global_weights)

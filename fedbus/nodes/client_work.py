@@ -76,7 +76,13 @@ class WorkTimer:
         What `run` does for such work, without a coroutine to create and
         await (`fedbus.nodes.client.ClientNode._work_now`).
         """
-        clock = time.perf_counter  # on the loop, wall time is the CPU time (see `run`)
+        # On the loop, wall time is the CPU time (see `run`).
+        return self._measured(kind, time.perf_counter, fn, *args)
+
+    def _measured(
+        self, kind: Kind, clock: Callable[[], float], fn: Callable[..., _T], *args: Any
+    ) -> _T:
+        """``fn(*args)``, recording what it used by ``clock`` for this node and per example."""
         started = clock()
         try:
             return fn(*args)
@@ -118,22 +124,12 @@ class WorkTimer:
                         await waiting.wait()
                 estimate = self.estimate(kind)
 
-        def call(cpu_clock: Callable[[], float]) -> _T:
-            cpu = cpu_clock()
-            try:
-                return fn(*args)
-            finally:
-                used = cpu_clock() - cpu
-                self._used[kind] = used
-                if self._num_examples:
-                    _COST_PER_EXAMPLE[key] = used / self._num_examples
-
         if estimate is not None and estimate < INLINE_WORK_S:
             # On the loop, wall time is the CPU time (nothing else runs meanwhile),
             # and perf_counter is several times cheaper than thread_time (a system call).
-            return call(time.perf_counter)
+            return self._measured(kind, time.perf_counter, fn, *args)
         try:
-            return await asyncio.to_thread(call, time.thread_time)
+            return await asyncio.to_thread(self._measured, kind, time.thread_time, fn, *args)
         finally:
             if probe is not None:
                 probe.set()

@@ -35,6 +35,29 @@ from fedbus.protocols.gossip_types import (
 from fedbus.protocols.mixing import consensus_distance
 
 RUN = RunId("run-g")
+A, B = NodeId("a"), NodeId("b")
+
+
+def model(sender: NodeId, round_: int, value: float = 1.0) -> PeerModelReceived:
+    """A neighbour's model of ``round_`` (3 values of ``value``, degree 2)."""
+    return PeerModelReceived(sender=sender, run=RUN, round=round_,
+                             weights={"w": np.full(3, value)}, degree=2)  # fmt: skip
+
+
+def snapshot(sender: NodeId, round_: int, value: float) -> PeerSnapshotReceived:
+    """A neighbour's rejoin snapshot of ``round_``."""
+    return PeerSnapshotReceived(sender=sender, run=RUN, round=round_,
+                                weights={"w": np.full(3, value)})  # fmt: skip
+
+
+def joined_peer(config: GossipConfig) -> GossipPeer:
+    """'me' (neighbours a and b, degree 2), started, both neighbours joined: round 1."""
+    peer = GossipPeer(config, node=NodeId("me"), run=RUN, weights={"w": np.zeros(3)},
+                      neighbours={A: 2, B: 2})  # fmt: skip
+    peer.handle(Started(), now=0.0)
+    peer.handle(NeighbourJoined(node=A), now=0.0)
+    peer.handle(NeighbourJoined(node=B), now=0.0)
+    return peer
 
 
 def ring(n: int) -> dict[str, tuple[str, ...]]:

@@ -12,43 +12,24 @@ test below fails on the machine before the fix.
 from __future__ import annotations
 
 import numpy as np
-from gossip_harness import RUN
+from gossip_harness import A, B, joined_peer, model, snapshot
 
-from fedbus._types import NodeId
-from fedbus.protocols.fedavg import Finish, Started, Tick, Train, TrainingDone
+from fedbus.protocols.fedavg import Finish, Tick, Train, TrainingDone
 from fedbus.protocols.gossip import GossipPeer, PeerState
 from fedbus.protocols.gossip_types import (
     GossipConfig,
     NeighbourDropped,
     NeighbourJoined,
     NeighbourLost,
-    PeerModelReceived,
-    PeerSnapshotReceived,
     Rejoined,
     RoundMixed,
     SendModel,
 )
 
-A, B = NodeId("a"), NodeId("b")
-
-
-def model(sender: NodeId, round_: int, value: float = 1.0) -> PeerModelReceived:
-    return PeerModelReceived(sender=sender, run=RUN, round=round_,
-                             weights={"w": np.full(3, value)}, degree=2)  # fmt: skip
-
-
-def snapshot(sender: NodeId, round_: int, value: float) -> PeerSnapshotReceived:
-    return PeerSnapshotReceived(sender=sender, run=RUN, round=round_,
-                                weights={"w": np.full(3, value)})  # fmt: skip
-
 
 def started(config: GossipConfig) -> GossipPeer:
     """'me' (neighbours a and b, both joined), training round 1."""
-    peer = GossipPeer(config, node=NodeId("me"), run=RUN, weights={"w": np.zeros(3)},
-                      neighbours={A: 2, B: 2})  # fmt: skip
-    peer.handle(Started(), now=0.0)
-    peer.handle(NeighbourJoined(node=A), now=0.0)
-    peer.handle(NeighbourJoined(node=B), now=0.0)
+    peer = joined_peer(config)
     assert peer.state is PeerState.TRAINING
     return peer
 

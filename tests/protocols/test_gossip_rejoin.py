@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from gossip_harness import RUN
+from gossip_harness import RUN, A, B, joined_peer, model, snapshot
 
 from fedbus._types import NodeId
 from fedbus.protocols.fedavg import Started, Train, TrainingDone
@@ -22,39 +22,22 @@ from fedbus.protocols.gossip_types import (
     NeighbourDropped,
     NeighbourJoined,
     NeighbourLost,
-    PeerModelReceived,
-    PeerSnapshotReceived,
     Rejoined,
     SendModel,
 )
 
 CONFIG = GossipConfig(rounds=20, round_timeout_s=5.0, join_timeout_s=5.0)
-A, B = NodeId("a"), NodeId("b")
 
 
 def peer_in_round_2() -> GossipPeer:
     """'me' (neighbours a, b) after round 1, training round 2 (where churn takes it away)."""
-    peer = GossipPeer(CONFIG, node=NodeId("me"), run=RUN, weights={"w": np.zeros(3)},
-                      neighbours={A: 2, B: 2})  # fmt: skip
-    peer.handle(Started(), now=0.0)
-    peer.handle(NeighbourJoined(node=A), now=0.0)
-    peer.handle(NeighbourJoined(node=B), now=0.0)
+    peer = joined_peer(CONFIG)
     peer.handle(TrainingDone(round=1, weights={"w": np.ones(3)}, num_examples=1), now=0.1)
     peer.handle(model(A, 1), now=0.2)
     peer.handle(model(B, 1), now=0.3)
     assert peer.current_round == 2
     assert peer.state is PeerState.TRAINING
     return peer
-
-
-def model(sender: NodeId, round_: int, value: float = 1.0) -> PeerModelReceived:
-    return PeerModelReceived(sender=sender, run=RUN, round=round_,
-                             weights={"w": np.full(3, value)}, degree=2)  # fmt: skip
-
-
-def snapshot(sender: NodeId, round_: int, value: float) -> PeerSnapshotReceived:
-    return PeerSnapshotReceived(sender=sender, run=RUN, round=round_,
-                                weights={"w": np.full(3, value)})  # fmt: skip
 
 
 def sends(out: list[Any], *, sync: bool) -> list[SendModel]:
