@@ -278,7 +278,8 @@ class Inbound:
                 message = self._decode(payload)
             if message is not None:
                 self._on_message(topic, message, now, out)
-        self._admit(now, out)
+        if self._admitted:
+            self._admit(now, out)
         return out
 
     def tick(self, *, now: float) -> list[Command]:

@@ -39,6 +39,17 @@ def test_parse_both_forms() -> None:
     assert topics.parse("lab/fl/r/to/a/b", prefix="lab/fl") is not None
 
 
+def test_parse_depends_on_the_prefix_it_is_asked_with() -> None:
+    # parse is cached: the same topic under another prefix must not hit the same entry.
+    topic = "lab/fl/r/to/a/b"
+    assert topics.parse(topic) is None
+    assert topics.parse(topic, prefix="lab/fl") == topics.Topic(
+        prefix="lab/fl", run="r", form="to", sender="b", recipient="a"
+    )
+    assert topics.parse(topic) is None
+    assert topics.parse("fedbus/r/out/s/c") is topics.parse("fedbus/r/out/s/c")
+
+
 @pytest.mark.parametrize(
     "topic",
     [

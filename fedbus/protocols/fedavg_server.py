@@ -150,6 +150,8 @@ class FedAvgServer(DeadlineFirst):
         self._validators = tuple(validators)
         self._expected = expected_nodes
         self._weights: dict[str, npt.NDArray[Any]] = {k: np.asarray(v) for k, v in weights.items()}
+        self._signature_of: object = None
+        self._signature_cache: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = []
         self._state = ServerState.IDLE
         self._allowed: frozenset[ServerState] = frozenset()
         self._now = -math.inf
@@ -451,20 +453,30 @@ class FedAvgServer(DeadlineFirst):
             return f"unknown encoding {event.encoding!r}"
         if event.num_examples < 1:
             return f"num_examples must be positive, got {event.num_examples}"
-        if list(event.weights) != list(self._weights):
-            return "tensor names differ from the global model's"
-        for name, current in self._weights.items():
-            value = event.weights[name]
+        weights = event.weights
+        for name, shape, dtype in self._signature():
+            value = weights.get(name)
+            if value is None:
+                return "tensor names differ from the global model's"
             if type(value) is not np.ndarray:
                 value = np.asarray(value)
-            if value.shape != current.shape or value.dtype != current.dtype:
+            if value.shape != shape or value.dtype != dtype:
                 return (
                     f"{name}: {value.dtype}{list(value.shape)} where the global model "
-                    f"has {current.dtype}{list(current.shape)}"
+                    f"has {dtype}{list(shape)}"
                 )
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
+            if dtype.kind == "f" and not np.isfinite(value).all():
                 return f"{name}: contains NaN or infinity"
+        if len(weights) != len(self._weights) or tuple(weights) != tuple(self._weights):
+            return "tensor names differ from the global model's"
         return ""
+
+    def _signature(self) -> list[tuple[str, tuple[int, ...], np.dtype[Any]]]:
+        """Name, shape and dtype of each global tensor, in order (cached per model)."""
+        if self._signature_of is not self._weights:
+            self._signature_of = self._weights
+            self._signature_cache = [(n, w.shape, w.dtype) for n, w in self._weights.items()]
+        return self._signature_cache
 
     def _reject(
         self, sender: str, round_: int, reason: str, detail: str, update_id: str

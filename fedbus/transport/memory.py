@@ -256,20 +256,22 @@ class MemoryBus:
             self._fan_out(topic, payload, qos)
 
     def _fan_out(self, topic: str, payload: bytes, qos: int) -> None:
+        # One immutable Received per delivered QoS, shared by every subscriber:
+        # a broadcast to 1,000 clients built 1,000 equal objects (issue 3).
+        shared: dict[int, Received] = {}
+        dup, chance = self.duplicate, self.duplicate_probability
         for client, sub_qos in self._match(topic).items():
-            q = min(qos, sub_qos)
-            copies = 1
-            if q >= 1:
-                dup = self.duplicate
-                if dup is not None:
-                    copies += dup(topic, payload)
-                elif (
-                    self.duplicate_probability and self.random.random() < self.duplicate_probability
-                ):
-                    copies += 1
+            q = qos if qos < sub_qos else sub_qos
+            msg = shared.get(q)
+            if msg is None:
+                msg = shared[q] = Received(topic, payload, q, False)
+            if q < 1 or (dup is None and not chance):
+                client._enqueue(msg)
+                continue
+            copies = 1 + (dup(topic, payload) if dup is not None else self.random.random() < chance)
             self.stats.duplicated += copies - 1
             for _ in range(copies):
-                client._enqueue(Received(topic, payload, q, False))
+                client._enqueue(msg)
 
     def _push(self, client: MemoryTransport, msg: Received) -> None:
         """Queue a delivery to ``client``'s push receiver for the next pass of the loop.

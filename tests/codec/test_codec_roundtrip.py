@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.abc
+import math
 import sys
 import zlib
 from collections.abc import Sequence
@@ -180,6 +181,26 @@ def test_from_array_does_not_copy_contiguous_little_endian() -> None:
     arr = np.arange(12, dtype="<f4").reshape(3, 4)
     t = Tensor.from_array(arr)
     assert np.shares_memory(t.array, arr)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (5,), (2, 3), (1, 2, 1, 2)])
+def test_from_array_fast_path_matches_the_general_path(name: str, shape: tuple[int, ...]) -> None:
+    # A C-contiguous native array skips the general conversion (issue 3); a
+    # 0-d or empty one takes the general path. Both must agree bit for bit.
+    arr = (np.arange(math.prod(shape)) % 2).astype(DTYPES[name]).reshape(shape)
+    arr.setflags(write=False)  # a read-only input is wrapped, not copied
+    t = Tensor.from_array(arr)
+    assert (t.dtype, t.shape) == (name, list(shape))
+    assert bytes(t.data) == arr.tobytes()
+    assert np.array_equal(t.array, arr)
+    assert t.array.shape == shape
+    assert not t.array.flags.writeable
+    if arr.ndim and arr.size:  # a 0-d array's few bytes are copied
+        assert np.shares_memory(t.array, arr)
+    out = codec.decode(codec.encode(ModelUpdate(run="r", sender="a", weights={"t": t})))
+    assert isinstance(out, ModelUpdate)
+    assert np.array_equal(out.weights["t"].array, arr)
 
 
 def test_big_endian_and_strided_inputs_are_converted() -> None:

@@ -297,6 +297,32 @@ def test_every_reject_reason_is_counted_and_never_aggregated() -> None:
     assert fed.of(RoundClosed)[-1].round == 1
 
 
+def test_invalid_tensors_are_named_in_the_reject() -> None:
+    # The tensor checks run against a signature cached per global model:
+    # each bad update is still caught, and the model after a close is checked too.
+    fed = Federation(ABC, config=cfg(rounds=2, min_clients=1, clients_per_round=3, seed=3))
+    fed.start(0.0)
+    a, b, c = fed.of(BroadcastModel)[0].selected
+    inf, nan = initial_weights(), initial_weights()
+    inf["w"][1, 2] = -np.inf
+    nan["b"][2] = np.nan
+    reordered = dict(reversed(initial_weights().items()))
+    extra = {**initial_weights(), "extra": np.zeros(1, np.float32)}
+    for bad in (inf, nan, reordered, extra):
+        fed.to_server(update(b, 1, weights=bad), 1.0)
+    details = [r.detail for r in fed.of(Reject)]
+    assert details == ["w: contains NaN or infinity", "b: contains NaN or infinity"] + [
+        "tensor names differ from the global model's"] * 2  # fmt: skip
+    for sender in (a, b, c):
+        fed.to_server(update(sender, 1), 1.0)
+    (closed,) = fed.of(RoundClosed)
+    assert closed.participants == tuple(sorted((a, b, c)))
+    assert closed.rejected == {"invalid": 4}
+    fed.to_server(update(a, 2, weights={"w": np.zeros((3, 2), np.float32),
+                                        "b": np.zeros(3, np.float32)}), 2.0)  # fmt: skip
+    assert fed.of(Reject)[-1].detail == "w: float32[3, 2] where the global model has float32[2, 3]"
+
+
 def test_updates_outside_an_open_round_are_stale_or_future() -> None:
     fed = Federation(ABC, config=cfg(), expected_nodes=3)
     fed.to_server(update("a", 1), 0.0)  # IDLE: round 1 has not begun
