@@ -43,7 +43,6 @@ Invariants:
 from __future__ import annotations
 
 import bisect
-import enum
 import hashlib
 import zlib
 from collections import OrderedDict
@@ -54,6 +53,7 @@ from typing import Final
 import numpy as np
 
 from fedbus import codec
+from fedbus._types import StateEnum
 from fedbus.codec import Segment
 from fedbus.messages import Chunk, new_message_id
 from fedbus.transport.base import publish_packet_size
@@ -287,7 +287,7 @@ def split(
     )
 
 
-class Status(enum.Enum):
+class Status(StateEnum):
     """What feeding one chunk did."""
 
     ACCEPTED = "accepted"  # stored; the transfer is still incomplete

@@ -35,11 +35,11 @@ it can answer ChunkRequests; `RecentIds` is the bounded duplicate filter.
 
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from fedbus._types import StateEnum
 from fedbus.chunking import OutgoingTransfer, TransferKey
 from fedbus.errors import ConfigError
 
@@ -172,7 +172,7 @@ class SendWindow:
         return now - self.last_credit
 
 
-class Admission(enum.Enum):
+class Admission(StateEnum):
     """What `CreditGate.offer` decided for a new directed transfer."""
 
     ACTIVE = "active"  # may stream now: send its first credit

@@ -41,10 +41,10 @@ never sends QoS 2) and publishes are QoS 0 or 1.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Final
 
+from fedbus._types import StateEnum
 from fedbus.errors import LocalProtocolError, RemoteProtocolError
 from fedbus.mqtt import _codec as c
 from fedbus.mqtt._events import (
@@ -64,7 +64,7 @@ DEFAULT_MAX_PACKET_SIZE: Final = 1 << 20
 """Default bound on an incoming packet's body; fedbus chunks below ``max_payload_bytes``."""
 
 
-class ConnectionState(enum.Enum):
+class ConnectionState(StateEnum):
     """Where the connection stands; ERROR and CLOSED are terminal."""
 
     IDLE = "idle"

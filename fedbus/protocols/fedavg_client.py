@@ -44,10 +44,9 @@ so `next_deadline` is always None.
 
 from __future__ import annotations
 
-import enum
 import math
 
-from fedbus._types import RunId
+from fedbus._types import RunId, StateEnum
 from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_types import (
@@ -74,7 +73,7 @@ from fedbus.protocols.metrics import eval_metrics_entry
 __all__ = ["CLIENT_TRANSITIONS", "ClientState", "FedAvgClient"]
 
 
-class ClientState(enum.Enum):
+class ClientState(StateEnum):
     """Where the client stands; see the module docstring."""
 
     IDLE = "idle"

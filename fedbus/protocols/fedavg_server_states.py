@@ -7,8 +7,7 @@ transitions up in, so the table can be read (and tested) on its own.
 
 from __future__ import annotations
 
-import enum
-
+from fedbus._types import StateEnum
 from fedbus.protocols.base import Event
 from fedbus.protocols.fedavg_types import (
     NodeJoined,
@@ -23,7 +22,7 @@ from fedbus.protocols.fedavg_types import (
 __all__ = ["TRANSITIONS", "ServerState"]
 
 
-class ServerState(enum.Enum):
+class ServerState(StateEnum):
     """Where the server stands; see the module docstring."""
 
     IDLE = "idle"
