@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from fedbus.launch.build import (
     protocol_config,
     server_trainer,
 )
+from fedbus.launch.gcfreeze import FreezeWhenRunning, quiet_collector
 from fedbus.launch.robustness import AttackPlan, server_defenses
 from fedbus.launch.tflite import TfliteOptions, client_serving, exporter
 from fedbus.launch.workers import WorkerPool, WorkerSpec, share
@@ -322,13 +322,12 @@ async def run_federation(
         assert topology.nodes.server is not None
         server = make_server(
             topology, data, bus.connect(topology.nodes.server, None),
-            run_id=run_id, out=out, resume=resume, observer=observer,
+            run_id=run_id, out=out, resume=resume, observer=FreezeWhenRunning(observer),
             topology_text=topology_text, broker={"kind": bus.kind, "url": bus.url}, tflite=tflite,
         )  # fmt: skip
         # The federation's data and nodes live as long as the run: keep the cyclic
-        # GC from scanning them in every full collection (issue 3: about 55 ms
-        # each at 1,000 clients, one every few rounds; 23 ms with them frozen).
-        gc.freeze()
+        # GC from scanning them in every collection (fedbus.launch.gcfreeze).
+        collector = quiet_collector()
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = {
@@ -348,7 +347,7 @@ async def run_federation(
             for cid, (status, reason) in (await pool.finish(client_grace_s)).items():
                 results[cid] = ClientOutcome(cid, status, reason)  # type: ignore[arg-type]
         finally:
-            gc.unfreeze()  # collectable again (a process may run several federations)
+            collector.close()  # collectable again (a process may run several federations)
             await pool.stop()
             pool.close()
     return FederationResult(run_id, outcome, results, dict(server.machine.weights), out)
