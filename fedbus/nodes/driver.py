@@ -80,11 +80,16 @@ class Driver:
 
     async def run(self) -> None:
         """Drive until the executor reports done or `stop` is called."""
+        events, execute, clock = self._events, self._execute, self._clock
         while not self.done:
-            event = await self._next(self.machine.next_deadline())
+            # A queued event is taken without a coroutine; `feed` is inlined: at
+            # 1,000 simulated clients both ran twice per client and round.
+            event = events.popleft() if events else await self._next(self.machine.next_deadline())
             if event is None:
                 return
-            await self.feed(event)
+            for command in self.machine.handle(event, now=clock()):
+                if await execute(command):
+                    self.done = True
 
     def _wake(self) -> None:
         waiter = self._waiter
