@@ -129,15 +129,11 @@ class Topic:
 
 
 @functools.lru_cache(maxsize=_CACHED_TOPICS)
-@functools.lru_cache(maxsize=4096)
 def parse(topic: str, *, prefix: str = DEFAULT_PREFIX) -> Topic | None:
     """Parse a topic of the fedbus scheme, or return None if it is not one.
 
     A message on a topic that does not parse is not fedbus traffic and is
-    dropped (and counted) by the receiver. Cached (`Topic` is immutable):
-    every message is parsed once per receiver, and at 1,000 simulated
-    clients the same few topics came through three regular expressions
-    thousands of times a round (issue 3).
+    dropped (and counted) by the receiver.
     """
     if not topic.startswith(prefix + "/"):
         return None
