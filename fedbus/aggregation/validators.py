@@ -41,6 +41,7 @@ from fedbus.aggregation._util import F64, check_updates, delta_vectors, flatten,
 from fedbus.aggregation.accuracy_gate import AccuracyGate
 from fedbus.aggregation.base import (
     AggregationError,
+    Aggregator,
     Arrays,
     ClientUpdate,
     Validator,
@@ -49,11 +50,14 @@ from fedbus.aggregation.base import (
 from fedbus.errors import ConfigError
 
 __all__ = [
+    "LEVEL_VALIDATOR_PREFIX",
     "VALIDATORS",
     "AccuracyGate",
     "CosineOutlier",
     "NormOutlier",
     "ValidatorChain",
+    "level_state",
+    "load_level_state",
     "load_validator_state",
     "make_validator",
     "make_validators",
@@ -339,3 +343,45 @@ def make_validator(spec: str | Mapping[str, Any] | Validator, *, index: int = 0)
 def make_validators(specs: Sequence[str | Mapping[str, Any] | Validator]) -> list[Validator]:
     """Build ``protocol.validators`` (a list; the server runs them in order)."""
     return [make_validator(spec, index=i) for i, spec in enumerate(specs)]
+
+
+LEVEL_VALIDATOR_PREFIX: Final = "validators/"
+"""Where stateful validators' arrays sit in an aggregating level's kept state."""
+
+
+def level_state(
+    aggregator: Aggregator, validators: Sequence[Validator]
+) -> dict[str, npt.NDArray[Any]]:
+    """What an aggregating level (server, edge) keeps across a restart, in one mapping.
+
+    The aggregator's ``state_dict`` plus `validator_state` under
+    `LEVEL_VALIDATOR_PREFIX`: checkpoint formats that store an aggregator's
+    state carry the validators' without a new field, and an older checkpoint
+    restores none (`load_level_state`).
+    """
+    state = dict(aggregator.state_dict())
+    for key, value in validator_state(validators).items():
+        state[LEVEL_VALIDATOR_PREFIX + key] = value
+    return state
+
+
+def load_level_state(
+    aggregator: Aggregator,
+    validators: Sequence[Validator],
+    state: Mapping[str, npt.NDArray[Any]],
+) -> None:
+    """Restore a `level_state` mapping; validators stay fresh when it holds none of theirs.
+
+    Raises:
+        AggregationError: a validator key names no stateful validator.
+    """
+    own: dict[str, npt.NDArray[Any]] = {}
+    screens: dict[str, npt.NDArray[Any]] = {}
+    for key, value in state.items():
+        if key.startswith(LEVEL_VALIDATOR_PREFIX):
+            screens[key.removeprefix(LEVEL_VALIDATOR_PREFIX)] = value
+        else:
+            own[key] = value
+    aggregator.load_state_dict(own)
+    if screens:
+        load_validator_state(validators, screens)

@@ -44,6 +44,7 @@ from typing import Any
 from fedbus import codec, topics
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import make_aggregator, make_validators
+from fedbus.aggregation.validators import load_level_state
 from fedbus.broker import ManagedBroker
 from fedbus.config import BrokerConfig
 from fedbus.errors import ConfigError
@@ -172,14 +173,14 @@ def make_edge(
     assert info.parent is not None
     up_ns, down_ns = plan.namespaces[info.parent], plan.namespaces[edge]
     aggregator = make_aggregator((info.aggregator or p.aggregator).as_dict())
-    if restart is not None:
-        aggregator.load_state_dict(restart.aggregator_state)
     if defenses is not None:
         validators = defenses.validators(edge)
     elif any(v.kind == "validation_accuracy" for v in info.validators):
         raise ConfigError(f"edge {edge!r}: validation_accuracy needs the data", path="nodes.edges")
     else:
         validators = make_validators([v.as_dict() for v in info.validators])
+    if restart is not None:
+        load_level_state(aggregator, validators, restart.aggregator_state)
     fallbacks = plan.rehome(edge).fallbacks if connects is not None else ()
     reachable = [f for f in fallbacks if connects is not None and connects[f] is up_connect]
     rehoming = None

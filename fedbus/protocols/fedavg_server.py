@@ -78,7 +78,7 @@ from fedbus.aggregation import (
     Validator,
     broadcast_extras,
 )
-from fedbus.aggregation.validators import load_validator_state, validator_state
+from fedbus.aggregation.validators import level_state, load_level_state
 from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_server_states import TRANSITIONS, ServerState
@@ -110,9 +110,6 @@ from fedbus.protocols.selection import select_nodes, selection_size
 from fedbus.protocols.timed import DeadlineFirst
 
 __all__ = ["TRANSITIONS", "FedAvgServer", "ServerState"]
-
-_VALIDATOR_STATE = "validators/"
-"""Prefix of stateful validators' entries in a checkpoint's ``aggregator_state``."""
 
 
 class FedAvgServer(DeadlineFirst):
@@ -178,24 +175,12 @@ class FedAvgServer(DeadlineFirst):
         unchanged and an older checkpoint simply restores none.
         """
         server = cls(config, weights=checkpoint.weights, completed_round=checkpoint.round, **kwargs)
-        own: dict[str, npt.NDArray[Any]] = {}
-        screens: dict[str, npt.NDArray[Any]] = {}
-        for key, value in checkpoint.aggregator_state.items():
-            if key.startswith(_VALIDATOR_STATE):
-                screens[key.removeprefix(_VALIDATOR_STATE)] = value
-            else:
-                own[key] = value
-        server.aggregator.load_state_dict(own)
-        if screens:  # a checkpoint without them leaves the validators fresh
-            load_validator_state(server._validators, screens)
+        load_level_state(server.aggregator, server._validators, checkpoint.aggregator_state)
         return server
 
     def _state_to_keep(self) -> dict[str, npt.NDArray[Any]]:
-        """The aggregator's state plus stateful validators' under ``validators/``."""
-        state = dict(self.aggregator.state_dict())
-        for key, value in validator_state(self._validators).items():
-            state[_VALIDATOR_STATE + key] = value
-        return state
+        """The aggregator's state plus stateful validators' (`level_state`)."""
+        return level_state(self.aggregator, self._validators)
 
     # --- the Machine surface ----------------------------------------------
 

@@ -83,6 +83,7 @@ from collections.abc import Mapping, Sequence
 
 from fedbus._types import NodeId, RunId
 from fedbus.aggregation import Aggregator, FedAvg, Validator
+from fedbus.aggregation.validators import level_state
 from fedbus.errors import LocalProtocolError
 from fedbus.protocols.base import Command, Event, checked_transition, legal_targets
 from fedbus.protocols.fedavg_server import FedAvgServer
@@ -408,7 +409,10 @@ class EdgeAggregator:
         return out
 
     def _report(self, task: EdgeTask) -> TaskEnded:
-        return task.report(local_base=self._base, aggregator_state=self.aggregator.state_dict())
+        # Validators with a history (the accuracy gate's) are kept with the
+        # aggregator, so a resumed edge screens as the uninterrupted one would.
+        state = level_state(self.aggregator, self._validators)
+        return task.report(local_base=self._base, aggregator_state=state)
 
     def _manifest(self, state: str) -> PublishManifest:
         return PublishManifest(

@@ -14,7 +14,8 @@ import pytest
 from hier_harness import CLOUD, RUN, Hierarchy, initial_weights
 
 from fedbus._types import NodeId
-from fedbus.aggregation import make_aggregator, make_validators
+from fedbus.aggregation import FedAvg, make_aggregator, make_validators
+from fedbus.aggregation.validators import AccuracyGate, load_level_state
 from fedbus.protocols.fedavg import (
     EVALUATE_KEY,
     TASK_EVALUATE,
@@ -106,6 +107,31 @@ def test_a_validator_at_the_edge_rejects_the_attacker_and_reports_it_by_reason()
     (up,) = h.of("edge-a", SendUpdate)
     assert up.num_examples == 40  # the attacker's examples are not counted
     np.testing.assert_allclose(up.weights["w"], np.full(4, 0.5))  # 2 x mean(0.1..0.4)
+
+
+def test_an_edge_keeps_its_validators_history_with_its_aggregator_state() -> None:
+    # The edge's checkpoint entry is its TaskEnded report: a gate with history
+    # must travel in it, or a resumed edge would screen as if it were new.
+    def evaluate(weights: Any) -> Any:
+        loss = float(np.mean(np.asarray(weights["w"])))
+        return type("R", (), {"accuracy": 0.5, "loss": loss})()
+
+    gate = AccuracyGate(evaluate, history=1.5)
+    h = Poisoned(FIVE, rounds=1, edge_rounds=2, examples=EQUAL, attacker="a5")
+    with_edge(h, "edge-a", validators=[gate])
+    h.start(0.0)
+    h.run()
+    (report,) = h.of("edge-a", TaskEnded)
+    prefix = "validators/0/"
+    kept = {k.removeprefix(prefix): v for k, v in report.aggregator_state.items()}
+    assert set(kept) == set(gate.state_dict())
+    assert set(report.aggregator_state) == {prefix + k for k in gate.state_dict()}
+    assert any(k.startswith("history/a5") for k in kept)
+    fresh = AccuracyGate(evaluate, history=1.5)
+    load_level_state(FedAvg(), [fresh], report.aggregator_state)
+    restored = fresh.state_dict()
+    assert restored.keys() == gate.state_dict().keys()
+    assert all(np.array_equal(v, restored[k]) for k, v in gate.state_dict().items())
 
 
 def test_a_robust_aggregator_at_the_edge_absorbs_the_attacker() -> None:
