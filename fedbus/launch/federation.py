@@ -36,7 +36,7 @@ from fedbus.launch.build import (
     protocol_config,
     server_trainer,
 )
-from fedbus.launch.gcfreeze import FreezeWhenRunning, quiet_collector
+from fedbus.launch.gcfreeze import FreezeWhenRunning, QuietCollector
 from fedbus.launch.robustness import AttackPlan, server_defenses
 from fedbus.launch.tflite import TfliteOptions, client_serving, exporter
 from fedbus.launch.workers import WorkerPool, WorkerSpec, share
@@ -327,7 +327,7 @@ async def run_federation(
         )  # fmt: skip
         # The federation's data and nodes live as long as the run: keep the cyclic
         # GC from scanning them in every collection (fedbus.launch.gcfreeze).
-        collector = quiet_collector()
+        collector = QuietCollector()
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = {

@@ -6,7 +6,7 @@ run, and the collector kept walking it. Measured over a 30-round run through
 mosquitto (gc callbacks): 0.92 s in collections with only the objects built
 before the start frozen, a full collection costing about 32 ms.
 
-`quiet_collector` freezes what exists when the nodes start and collects the
+`QuietCollector` freezes what exists when the nodes start and collects the
 middle generation a tenth as often (what a round makes mostly dies by
 reference counting within the round); `FreezeWhenRunning` freezes once more
 when the federation is under way (every declared node joined, or the first
@@ -25,14 +25,17 @@ from typing import Any, Final
 from fedbus.nodes import ServerObserver
 from fedbus.protocols.fedavg import RoundFailed
 
-__all__ = ["FreezeWhenRunning", "QuietCollector", "quiet_collector"]
+__all__ = ["FreezeWhenRunning", "QuietCollector"]
 
 MIDDLE_THRESHOLD: Final = 100
 """Young-generation collections per middle-generation one during a run (CPython's default: 10)."""
 
 
 class QuietCollector:
-    """The collector's settings for one federation; `close` restores them."""
+    """Freeze the objects that exist now and space out middle-generation collections.
+
+    For one federation; `close` restores the settings and unfreezes.
+    """
 
     def __init__(self) -> None:
         self._saved = gc.get_threshold()
@@ -47,11 +50,6 @@ class QuietCollector:
             self._closed = True
             gc.set_threshold(*self._saved)
             gc.unfreeze()
-
-
-def quiet_collector() -> QuietCollector:
-    """Freeze the objects that exist now and space out middle-generation collections."""
-    return QuietCollector()
 
 
 class FreezeWhenRunning(ServerObserver):

@@ -160,7 +160,7 @@ def share(clients: list[str], workers: int) -> list[list[str]]:
 async def _serve(spec: WorkerSpec) -> dict[str, tuple[str, str]]:
     from fedbus.launch.build import build_data, client_trainer, fault_plan
     from fedbus.launch.federation import client_settings, mqtt_connect
-    from fedbus.launch.gcfreeze import quiet_collector
+    from fedbus.launch.gcfreeze import QuietCollector
     from fedbus.launch.robustness import AttackPlan
     from fedbus.nodes import ClientNode
     from fedbus.topology import apply_overrides, loads_topology
@@ -187,7 +187,7 @@ async def _serve(spec: WorkerSpec) -> dict[str, tuple[str, str]]:
             trainer, bound, client_settings(topology, cid),
             faults=fault_plan(topology, cid), attack=attacks.client_attack(cid, trainer),
         )  # fmt: skip
-    collector = quiet_collector()  # as in run_federation (fedbus.launch.gcfreeze)
+    collector = QuietCollector()  # as in run_federation (fedbus.launch.gcfreeze)
     tasks = {
         cid: asyncio.create_task(node.run(), name=f"fedbus[{cid}].node")
         for cid, node in nodes.items()

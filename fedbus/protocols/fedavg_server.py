@@ -452,7 +452,7 @@ class FedAvgServer(DeadlineFirst):
                 )
             if dtype.kind == "f" and not np.isfinite(value).all():
                 return f"{name}: contains NaN or infinity"
-        if len(weights) != len(self._weights) or tuple(weights) != tuple(self._weights):
+        if tuple(weights) != tuple(self._weights):  # extra names, or another order
             return "tensor names differ from the global model's"
         return ""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fedbus.launch.gcfreeze import MIDDLE_THRESHOLD, FreezeWhenRunning, quiet_collector
+from fedbus.launch.gcfreeze import MIDDLE_THRESHOLD, FreezeWhenRunning, QuietCollector
 from fedbus.nodes import ServerObserver
 from fedbus.protocols.fedavg import RoundFailed
 
@@ -38,7 +38,7 @@ class Recorder(ServerObserver):
 def test_quiet_collector_freezes_spaces_out_and_restores() -> None:
     gc.set_threshold(700, 10, 10)
     garbage = [[] for _ in range(100)]
-    collector = quiet_collector()
+    collector = QuietCollector()
     assert gc.get_freeze_count() >= len(garbage)
     assert gc.get_threshold() == (700, MIDDLE_THRESHOLD, 10)
     collector.close()
@@ -49,7 +49,7 @@ def test_quiet_collector_freezes_spaces_out_and_restores() -> None:
 
 def test_quiet_collector_keeps_a_higher_middle_threshold() -> None:
     gc.set_threshold(500, 1000, 3)
-    collector = quiet_collector()
+    collector = QuietCollector()
     assert gc.get_threshold() == (500, 1000, 3)
     collector.close()
     assert gc.get_threshold() == (500, 1000, 3)
